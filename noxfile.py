@@ -1,0 +1,37 @@
+"""Developer and CI sessions. `nox` with no arguments runs what CI runs."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+TEST_DEPS = [".[test]"]
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff check, ruff format --check and strict mypy over the package."""
+    session.install("-e", ".[test]", "ruff>=0.6", "mypy>=1.11")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("mypy")
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    """Unit, property and integration tests (real annad processes, real TLS)."""
+    session.install("-e", ".[test]")
+    args = session.posargs or ["-q", "-p", "no:cacheprovider"]
+    session.run("pytest", *args, env={"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")})
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Benchmarks; each script prints one JSON document."""
+    session.install("-e", ".[test]")
+    session.run("python", "benchmarks/bench_cluster.py", *session.posargs)
+    session.run("python", "benchmarks/bench_migration.py")

@@ -1,0 +1,131 @@
+"""The one metrics registry. Every metric name anna_trio exports is written here."""
+
+from __future__ import annotations
+
+import contextlib
+
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+from . import __version__
+
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+PEER_STATUSES = ("success", "error", "timeout", "rejected")
+OBSERVATION_RESULTS = (
+    "accepted",
+    "duplicate",
+    "invalid",
+    "bad_signature",
+    "unknown_node",
+    "conflict",
+)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """All metrics of one node in their own registry (tests make as many as they like)."""
+
+    def __init__(self, node_id: str = "") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        ProcessCollector(registry=reg)
+        self.consensus_rounds = Counter(
+            "anna_consensus_rounds", "Rounds that reached Complete on this node", registry=reg
+        )
+        self.byzantine_nodes = Gauge(
+            "anna_byzantine_nodes_total", "Nodes currently marked Byzantine", registry=reg
+        )
+        self.quorum_size = Gauge("anna_quorum_size", "Quorum for new rounds", registry=reg)
+        self.average_tis = Gauge(
+            "anna_average_tis",
+            "Mean consensus TIS over the last 100 completed rounds",
+            registry=reg,
+        )
+        self.peer_requests = Counter(
+            "anna_peer_request",
+            "Outbound requests by peer and status",
+            ["peer", "status"],
+            registry=reg,
+        )
+        self.peer_reloads = Counter(
+            "anna_peer_reload", "peers.yml reloads by result", ["result"], registry=reg
+        )
+        self.migration_events = Counter(
+            "anna_migration_events", "State migrations by result", ["result"], registry=reg
+        )
+        for result in ("success", "failure"):
+            self.peer_reloads.labels(result)
+        for result in ("success", "rollback", "failure"):
+            self.migration_events.labels(result)
+        self.validator_count = Gauge(
+            "anna_validator_count", "Validators in the current config", registry=reg
+        )
+        self.peer_up = Gauge(
+            "anna_peer_up", "1 when the peer answered last", ["peer"], registry=reg
+        )
+        self.peer_request_duration = Histogram(
+            "anna_peer_request_duration_seconds",
+            "Outbound request latency by peer",
+            ["peer"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.round_duration = Histogram(
+            "anna_round_duration_seconds",
+            "Round start (on this node) to Complete",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.rounds_failed = Counter(
+            "anna_rounds_failed", "Rounds that ended Failed on this node", registry=reg
+        )
+        self.observations_received = Counter(
+            "anna_observations_received",
+            "Observations received by result",
+            ["result"],
+            registry=reg,
+        )
+        for result in OBSERVATION_RESULTS:
+            self.observations_received.labels(result)
+        self.rate_limited = Counter("anna_rate_limited", "Requests refused with 429", registry=reg)
+        self.config_last_reload_successful = Gauge(
+            "anna_config_last_reload_successful",
+            "1 when the last peers.yml reload succeeded",
+            registry=reg,
+        )
+        self.config_last_reload_successful.set(1)
+        self.tls_handshake_failures = Counter(
+            "anna_tls_handshake_failures",
+            "TLS handshakes that failed, by side and reason",
+            ["side", "reason"],
+            registry=reg,
+        )
+        self.observer_failures = Counter(
+            "anna_observer_failures",
+            "Rounds this node could not contribute to (observer missing or invalid)",
+            registry=reg,
+        )
+        self.build_info = Gauge(
+            "anna_build_info", "Build information", ["version", "node_id"], registry=reg
+        )
+        self.build_info.labels(__version__, node_id).set(1)
+
+    def forget_peer(self, peer: str) -> None:
+        """Drop a removed peer's labelled series so dashboards stop showing it."""
+        for status in PEER_STATUSES:
+            with contextlib.suppress(KeyError):
+                self.peer_requests.remove(peer, status)
+        for family in (self.peer_up, self.peer_request_duration):
+            with contextlib.suppress(KeyError):
+                family.remove(peer)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
