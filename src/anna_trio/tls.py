@@ -1,0 +1,687 @@
+"""TLS material and contexts: a small cluster CA, node certificates, CRLs, mTLS contexts.
+
+Material is made and checked with `cryptography`; connections use the stdlib `ssl`.
+
+Node certificates carry CN = node id and serve for both server and client auth, so one
+certificate per node is enough. The server context wants a client certificate signed by
+the cluster CA (and not revoked when a CRL is set); the client context checks the
+server's certificate against the same CA and the address dialled. Which *node* answered
+is checked after the handshake by `check_peer_identity`.
+
+`ReloadableServerContext` exists because hypercorn asks for its SSLContext once at
+start. It hands out one context object whose `wrap_bio` / `wrap_socket` delegate to
+the current inner context, so a reload (new certificates, CA or CRL) applies in full
+to every connection accepted afterwards, and connections already open keep theirs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import socket
+import ssl
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ._exceptions import AnnaError
+from .models import NODE_ID_RE, TlsConfig
+
+__all__ = [
+    "HANDSHAKE_FAILURE_REASONS",
+    "CertificateError",
+    "PeerCertificateSource",
+    "ReloadableServerContext",
+    "check_peer_identity",
+    "check_tls_material",
+    "classify_handshake_error",
+    "client_context",
+    "fingerprint",
+    "fingerprint_der",
+    "init_ca",
+    "issue_cert",
+    "revoke",
+    "server_context",
+]
+
+CA_CERT_NAME = "ca.pem"
+CA_KEY_NAME = "ca.key"
+CRL_NAME = "crl.pem"
+ALPN_PROTOCOLS = ["http/1.1"]
+CLOCK_SKEW_ALLOWANCE = timedelta(minutes=5)
+"""New certificates start this far in the past so that a peer whose clock is a little
+behind does not refuse them as not yet valid."""
+
+HANDSHAKE_FAILURE_REASONS = (
+    "no_certificate",
+    "unknown_ca",
+    "certificate_expired",
+    "certificate_revoked",
+    "hostname_mismatch",
+    "bad_certificate",
+    "protocol",
+    "other",
+)
+
+
+class CertificateError(AnnaError, ValueError):
+    """Raised by the certificate tools (init_ca, issue_cert, revoke, fingerprint) on bad
+    input: missing or unparsable files, a CA that already exists, a foreign certificate."""
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+
+
+def _write_atomically(path: Path, data: bytes, *, mode: int) -> None:
+    """Write `data` so readers see the old file or the new one, never a half; `mode` is
+    set before any byte lands, so a key is never briefly readable by others."""
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CertificateError(f"{path}: file not found") from exc
+    except OSError as exc:
+        raise CertificateError(f"{path}: cannot read: {exc.strerror}") from exc
+
+
+def _load_certificate(path: Path) -> x509.Certificate:
+    """The first certificate in a PEM file (a DER file is accepted too)."""
+    data = _read_bytes(path)
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificates(data)[0]
+        return x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise CertificateError(f"{path}: not a valid certificate") from exc
+
+
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    certificate = _load_certificate(ca_dir / CA_CERT_NAME)
+    key_path = ca_dir / CA_KEY_NAME
+    try:
+        key = serialization.load_pem_private_key(_read_bytes(key_path), password=None)
+    except (ValueError, TypeError) as exc:
+        raise CertificateError(f"{key_path}: not a valid unencrypted private key") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertificateError(f"{key_path}: expected an EC key as made by init-ca")
+    if not _same_public_key(certificate, key):
+        raise CertificateError(f"{key_path}: key does not match {ca_dir / CA_CERT_NAME}")
+    return certificate, key
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _same_public_key(certificate: x509.Certificate, key: Any) -> bool:
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return bool(
+        certificate.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# CA, certificates, CRL
+
+
+def init_ca(out_dir: Path, *, common_name: str = "anna-trio cluster CA", days: int = 3650) -> None:
+    """Create a self-signed cluster CA in `out_dir`: ca.pem, ca.key (0600) and an empty
+    crl.pem. Refuses to replace an existing CA: every node certificate depends on it."""
+    out_dir = Path(out_dir)
+    for name in (CA_CERT_NAME, CA_KEY_NAME):
+        if (out_dir / name).exists():
+            raise CertificateError(f"{out_dir / name}: a CA already exists; refusing to overwrite")
+    if days < 1:
+        raise CertificateError(f"days must be at least 1, got {days}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW_ALLOWANCE)
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_atomically(out_dir / CA_KEY_NAME, _key_pem(key), mode=0o600)
+    _write_atomically(
+        out_dir / CA_CERT_NAME, certificate.public_bytes(serialization.Encoding.PEM), mode=0o644
+    )
+    _write_crl(out_dir / CRL_NAME, certificate, key, revoked=[])
+
+
+def _subject_alternative_names(sans: Iterable[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for san in sans:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(san)))
+        except ValueError:
+            names.append(x509.DNSName(san))
+    return names
+
+
+def issue_cert(
+    ca_dir: Path,
+    *,
+    node_id: str,
+    sans: Sequence[str],
+    out_dir: Path,
+    days: int = 825,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+) -> tuple[Path, Path]:
+    """Issue a node certificate signed by the CA in `ca_dir`; returns (cert, key) paths,
+    `out_dir/<node_id>.pem` and `out_dir/<node_id>.key` (0600).
+
+    CN = node id; IP addresses in `sans` become IPAddress SANs, other names DNSName SANs;
+    usable for server and client auth. Existing files are replaced atomically (renewal).
+    `not_before` / `not_after` override the validity period (tests make expired ones).
+    """
+    if not NODE_ID_RE.match(node_id):
+        raise CertificateError(f"node id {node_id!r} must match {NODE_ID_RE.pattern}")
+    if not sans:
+        raise CertificateError("at least one SAN (the address peers dial) is required")
+    if days < 1:
+        raise CertificateError(f"days must be at least 1, got {days}")
+    ca_cert, ca_key = _load_ca(Path(ca_dir))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    start = not_before if not_before is not None else now - CLOCK_SKEW_ALLOWANCE
+    end = not_after if not_after is not None else now + timedelta(days=days)
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(_subject_alternative_names(sans)), critical=False
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = out_dir / f"{node_id}.pem", out_dir / f"{node_id}.key"
+    _write_atomically(key_path, _key_pem(key), mode=0o600)
+    _write_atomically(cert_path, certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    return cert_path, key_path
+
+
+def _write_crl(
+    path: Path,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    revoked: Iterable[x509.RevokedCertificate],
+) -> None:
+    """Sign and write a CRL valid until the CA itself expires: a CRL past its next_update
+    makes OpenSSL refuse every certificate, and nobody re-signs a test CA's CRL on a
+    schedule."""
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - CLOCK_SKEW_ALLOWANCE)
+        .next_update(max(ca_cert.not_valid_after_utc, now + timedelta(days=1)))
+    )
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write_atomically(path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+
+
+def revoke(ca_dir: Path, cert_path: Path) -> None:
+    """Add `cert_path`'s serial to `ca_dir/crl.pem` and re-sign it. Revoking twice is a
+    no-op; a certificate this CA did not issue is refused."""
+    ca_dir = Path(ca_dir)
+    ca_cert, ca_key = _load_ca(ca_dir)
+    certificate = _load_certificate(Path(cert_path))
+    try:
+        certificate.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise CertificateError(f"{cert_path}: not issued by the CA in {ca_dir}") from exc
+    crl_path = ca_dir / CRL_NAME
+    revoked: list[x509.RevokedCertificate] = []
+    if crl_path.exists():
+        crl = _load_crl(crl_path)
+        if not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+            raise CertificateError(f"{crl_path}: not signed by the CA in {ca_dir}")
+        if crl.get_revoked_certificate_by_serial_number(certificate.serial_number) is not None:
+            return
+        revoked = list(crl)
+    entry = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(certificate.serial_number)
+        .revocation_date(datetime.now(UTC))
+        .build()
+    )
+    _write_crl(crl_path, ca_cert, ca_key, [*revoked, entry])
+
+
+def _load_crl(path: Path) -> x509.CertificateRevocationList:
+    data = _read_bytes(path)
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_crl(data)
+        return x509.load_der_x509_crl(data)
+    except ValueError as exc:
+        raise CertificateError(f"{path}: not a valid CRL") from exc
+
+
+def fingerprint_der(der: bytes) -> str:
+    """SHA-256 of a DER certificate: lowercase hex, no colons (peers.yml `fingerprint`)."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def fingerprint(cert_path: Path) -> str:
+    """SHA-256 fingerprint of the (first) certificate in `cert_path`, for pinning."""
+    certificate = _load_certificate(Path(cert_path))
+    return fingerprint_der(certificate.public_bytes(serialization.Encoding.DER))
+
+
+# ---------------------------------------------------------------------------------------
+# Checking configured material (start-up, reload, `annactl config check`)
+
+
+def _validity_problems(
+    field: str, path: Path, certificate: x509.Certificate, now: datetime
+) -> list[str]:
+    if now < certificate.not_valid_before_utc:
+        start = certificate.not_valid_before_utc.isoformat()
+        return [f"{field}: {path}: certificate not yet valid (valid from {start})"]
+    if now > certificate.not_valid_after_utc:
+        return [
+            f"{field}: {path}: certificate expired at {certificate.not_valid_after_utc.isoformat()}"
+        ]
+    return []
+
+
+def _issued_by_any(certificate: x509.Certificate, cas: Sequence[x509.Certificate]) -> bool:
+    for ca in cas:
+        try:
+            certificate.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
+
+
+def check_tls_material(tls: TlsConfig, *, now: datetime | None = None) -> list[str]:
+    """Every problem with the configured TLS files, each naming the field and the file
+    (`tls.server_cert: /x/server.pem: file not found`). Empty when TLS is off or good."""
+    if not tls.enabled:
+        return []
+    now = now if now is not None else datetime.now(UTC)
+    problems: list[str] = []
+
+    def load(field: str, path: Path | None, loader: Callable[[bytes], Any], what: str) -> Any:
+        if path is None:
+            problems.append(f"{field}: required when tls.enabled is true")
+            return None
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            problems.append(f"{field}: {path}: file not found")
+            return None
+        except OSError as exc:
+            problems.append(f"{field}: {path}: cannot read: {exc.strerror}")
+            return None
+        try:
+            return loader(data)
+        except (ValueError, TypeError, IndexError):
+            problems.append(f"{field}: {path}: not a valid PEM {what}")
+            return None
+
+    cas: list[x509.Certificate] | None = load(
+        "tls.ca_cert", tls.ca_cert, x509.load_pem_x509_certificates, "certificate"
+    )
+    if cas is not None and tls.ca_cert is not None:
+        for ca in cas:
+            problems += _validity_problems("tls.ca_cert", tls.ca_cert, ca, now)
+
+    crl: x509.CertificateRevocationList | None = None
+    if tls.crl is not None:
+        crl = load("tls.crl", tls.crl, x509.load_pem_x509_crl, "CRL")
+        if crl is not None and cas:
+            if not any(crl.is_signature_valid(ca.public_key()) for ca in cas):  # type: ignore[arg-type]
+                problems.append(f"tls.crl: {tls.crl}: not signed by the CA in tls.ca_cert")
+            elif crl.next_update_utc is not None and now > crl.next_update_utc:
+                problems.append(
+                    f"tls.crl: {tls.crl}: CRL expired at {crl.next_update_utc.isoformat()} "
+                    "(every certificate would be refused)"
+                )
+
+    pairs = (
+        ("tls.server_cert", tls.server_cert, "tls.server_key", tls.server_key),
+        ("tls.client_cert", tls.client_cert, "tls.client_key", tls.client_key),
+    )
+    for cert_field, cert_path, key_field, key_path in pairs:
+        certificate: x509.Certificate | None = load(
+            cert_field,
+            cert_path,
+            lambda data: x509.load_pem_x509_certificates(data)[0],
+            "certificate",
+        )
+        key = load(
+            key_field,
+            key_path,
+            lambda data: serialization.load_pem_private_key(data, password=None),
+            "private key (unencrypted)",
+        )
+        if certificate is None or cert_path is None:
+            continue
+        if key is not None and not _same_public_key(certificate, key):
+            problems.append(f"{key_field}: {key_path}: key does not match {cert_field} {cert_path}")
+        if cas and not _issued_by_any(certificate, cas):
+            problems.append(
+                f"{cert_field}: {cert_path}: certificate not signed by the CA in tls.ca_cert"
+            )
+        problems += _validity_problems(cert_field, cert_path, certificate, now)
+        if crl is not None and crl.get_revoked_certificate_by_serial_number(
+            certificate.serial_number
+        ):
+            problems.append(f"{cert_field}: {cert_path}: certificate is revoked by tls.crl")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------
+# SSL contexts
+
+
+def _require(field: str, path: Path | None) -> Path:
+    if path is None:
+        raise CertificateError(f"{field}: required when tls.enabled is true")
+    return path
+
+
+def _harden(context: ssl.SSLContext, tls: TlsConfig) -> None:
+    """Settings both sides share: TLS 1.2 or newer, no compression or renegotiation,
+    only the cluster CA (no system roots), the CRL when one is set, HTTP/1.1 via ALPN."""
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=str(_require("tls.ca_cert", tls.ca_cert)))
+    if tls.crl is not None:
+        context.load_verify_locations(cafile=str(tls.crl))
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    context.set_alpn_protocols(ALPN_PROTOCOLS)
+
+
+def server_context(tls: TlsConfig) -> ssl.SSLContext:
+    """Server side of mTLS: presents server_cert, requires a client certificate from the
+    cluster CA, not revoked by the CRL. No session tickets, so a client is re-verified
+    on every connection (a reload's new CRL applies to it at once)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(context, tls)
+    context.options |= ssl.OP_NO_TICKET | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.num_tickets = 0
+    context.load_cert_chain(
+        certfile=str(_require("tls.server_cert", tls.server_cert)),
+        keyfile=str(_require("tls.server_key", tls.server_key)),
+    )
+    return context
+
+
+def client_context(tls: TlsConfig) -> ssl.SSLContext:
+    """Client side of mTLS: presents client_cert and verifies the server against the
+    cluster CA and the dialled address (pass it as `server_hostname`)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(context, tls)
+    context.check_hostname = True
+    context.load_cert_chain(
+        certfile=str(_require("tls.client_cert", tls.client_cert)),
+        keyfile=str(_require("tls.client_key", tls.client_key)),
+    )
+    return context
+
+
+class _DelegatingServerContext(ssl.SSLContext):
+    """The SSLContext hypercorn keeps: each new connection is wrapped by whatever inner
+    context its owner holds at that moment. Its own certificate settings are unused."""
+
+    _owner: ReloadableServerContext
+
+    def __new__(cls, owner: ReloadableServerContext) -> _DelegatingServerContext:
+        context = super().__new__(cls, ssl.PROTOCOL_TLS_SERVER)
+        context._owner = owner
+        return context
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return self._owner.current.wrap_bio(
+            incoming, outgoing, server_side, server_hostname, session
+        )
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        return self._owner.current.wrap_socket(sock, *args, **kwargs)
+
+
+class ReloadableServerContext:
+    """One SSLContext handed to the server once; `update` swaps the certificate, CA and
+    CRL used for connections accepted afterwards, without a restart.
+
+    `on_handshake_failure(reason)` is called with a `classify_handshake_error` label
+    whenever a server-side handshake fails (hypercorn swallows those errors, so this is
+    where `anna_tls_handshake_failures_total{side="server"}` can be counted).
+    """
+
+    def __init__(
+        self, tls: TlsConfig, *, on_handshake_failure: Callable[[str], None] | None = None
+    ) -> None:
+        self._on_handshake_failure = on_handshake_failure
+        self.current = self._build(tls)
+        self._context = _DelegatingServerContext(self)
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The context to give the server (hypercorn's `create_ssl_context`)."""
+        return self._context
+
+    def update(self, tls: TlsConfig) -> None:
+        """Build the new inner context first (raising leaves the old one in place), then
+        swap it in for new connections; open connections are untouched."""
+        self.current = self._build(tls)
+
+    def _build(self, tls: TlsConfig) -> ssl.SSLContext:
+        context = server_context(tls)
+        if self._on_handshake_failure is not None:
+            context.sslobject_class = _reporting_sslobject_class(self._on_handshake_failure)
+        return context
+
+
+def _reporting_sslobject_class(report: Callable[[str], None]) -> type[ssl.SSLObject]:
+    class ReportingSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                report(classify_handshake_error(exc))
+                raise
+
+    return ReportingSSLObject
+
+
+# ---------------------------------------------------------------------------------------
+# After the handshake: who answered, and why a handshake failed
+
+
+class PeerCertificateSource(Protocol):
+    """Anything that can show the peer's certificate after the handshake:
+    ssl.SSLObject, ssl.SSLSocket, trio.SSLStream."""
+
+    def getpeercert(self, binary_form: Literal[True]) -> bytes | None: ...
+
+
+def check_peer_identity(
+    ssl_object: PeerCertificateSource, *, expected_node_id: str, pinned_fingerprint: str | None
+) -> str | None:
+    """None when the peer's certificate names `expected_node_id` (CN) and matches the
+    pin (when set); otherwise a short reason for logs and metrics."""
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return "no_certificate"
+    certificate = x509.load_der_x509_certificate(der)
+    common_names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    got = str(common_names[0].value) if common_names else ""
+    if got != expected_node_id:
+        return f"cn_mismatch: got {got or '<none>'}, expected {expected_node_id}"
+    if pinned_fingerprint is not None:
+        wanted = pinned_fingerprint.replace(":", "").lower()
+        if fingerprint_der(der) != wanted:
+            return "fingerprint_mismatch"
+    return None
+
+
+_VERIFY_CODE_REASONS = {
+    2: "unknown_ca",  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
+    7: "unknown_ca",  # X509_V_ERR_CERT_SIGNATURE_FAILURE
+    18: "unknown_ca",  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+    19: "unknown_ca",  # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
+    20: "unknown_ca",  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: "unknown_ca",  # X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    9: "certificate_expired",  # X509_V_ERR_CERT_NOT_YET_VALID (TLS's alert says expired too)
+    10: "certificate_expired",  # X509_V_ERR_CERT_HAS_EXPIRED
+    23: "certificate_revoked",  # X509_V_ERR_CERT_REVOKED
+    62: "hostname_mismatch",  # X509_V_ERR_HOSTNAME_MISMATCH
+    64: "hostname_mismatch",  # X509_V_ERR_IP_ADDRESS_MISMATCH
+}
+
+_SSL_REASONS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_certificate",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "no_certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "unknown_ca",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "certificate_expired",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "certificate_revoked",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "bad_certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "bad_certificate",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "bad_certificate",
+    "TLSV1_ALERT_ACCESS_DENIED": "bad_certificate",
+    "CERTIFICATE_VERIFY_FAILED": "bad_certificate",
+    "HTTP_REQUEST": "protocol",
+    "HTTPS_PROXY_REQUEST": "protocol",
+    "WRONG_VERSION_NUMBER": "protocol",
+    "UNSUPPORTED_PROTOCOL": "protocol",
+    "UNKNOWN_PROTOCOL": "protocol",
+    "VERSION_TOO_LOW": "protocol",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "protocol",
+    "NO_SHARED_CIPHER": "protocol",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "protocol",
+    "NO_APPLICATION_PROTOCOL": "protocol",
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": "protocol",
+    "PACKET_LENGTH_TOO_LONG": "protocol",
+    "RECORD_LAYER_FAILURE": "protocol",
+    "UNEXPECTED_EOF_WHILE_READING": "protocol",
+}
+
+
+def _causes(exc: BaseException) -> Iterable[BaseException]:
+    """`exc`, the exceptions it was raised from, and members of exception groups (trio
+    reports TLS errors as BrokenResourceError from the ssl.SSLError)."""
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                pending.append(linked)
+
+
+def classify_handshake_error(exc: BaseException) -> str:
+    """A short label for `anna_tls_handshake_failures_total{reason}`, one of
+    HANDSHAKE_FAILURE_REASONS, from the ssl error inside `exc` (verify code, then the
+    OpenSSL reason); "other" when no TLS error is found."""
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return _VERIFY_CODE_REASONS.get(cause.verify_code, "bad_certificate")
+        if isinstance(cause, ssl.SSLEOFError):
+            return "protocol"
+        if isinstance(cause, ssl.SSLError):
+            return _SSL_REASONS.get(str(cause.reason), "other")
+    return "other"
