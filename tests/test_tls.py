@@ -477,8 +477,8 @@ def test_revoke_is_idempotent_and_refuses_foreign_certs(tmp_path: Path, pki: Pki
     """Revoking adds the serial once; a certificate from another CA is refused."""
     tls.init_ca(tmp_path / "ca")
     cert, _ = tls.issue_cert(tmp_path / "ca", node_id="n", sans=["localhost"], out_dir=tmp_path)
-    tls.revoke(tmp_path / "ca", cert)
-    tls.revoke(tmp_path / "ca", cert)
+    assert tls.revoke(tmp_path / "ca", cert) is True
+    assert tls.revoke(tmp_path / "ca", cert) is False
     crl = x509.load_pem_x509_crl((tmp_path / "ca" / "crl.pem").read_bytes())
     serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
     assert [entry.serial_number for entry in crl] == [serial]

@@ -9,9 +9,9 @@ server's certificate against the same CA and the address dialled. Which *node* a
 is checked after the handshake by `check_peer_identity`.
 
 `ReloadableServerContext` exists because hypercorn asks for its SSLContext once at
-start. It hands out one context object whose `wrap_bio` / `wrap_socket` delegate to
-the current inner context, so a reload (new certificates, CA or CRL) applies in full
-to every connection accepted afterwards, and connections already open keep theirs.
+start. It hands out one context object whose `wrap_bio` (what trio.SSLStream calls)
+delegates to the current inner context, so a reload (new certificates, CA or CRL)
+applies in full to every connection accepted afterwards; open connections keep theirs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-import socket
 import ssl
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -304,9 +303,9 @@ def _write_crl(
     _write_atomically(path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 
-def revoke(ca_dir: Path, cert_path: Path) -> None:
-    """Add `cert_path`'s serial to `ca_dir/crl.pem` and re-sign it. Revoking twice is a
-    no-op; a certificate this CA did not issue is refused."""
+def revoke(ca_dir: Path, cert_path: Path) -> bool:
+    """Add `cert_path`'s serial to `ca_dir/crl.pem` and re-sign it; False when it was
+    already revoked (nothing changes). A certificate this CA did not issue is refused."""
     ca_dir = Path(ca_dir)
     ca_cert, ca_key = _load_ca(ca_dir)
     certificate = _load_certificate(Path(cert_path))
@@ -321,7 +320,7 @@ def revoke(ca_dir: Path, cert_path: Path) -> None:
         if not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
             raise CertificateError(f"{crl_path}: not signed by the CA in {ca_dir}")
         if crl.get_revoked_certificate_by_serial_number(certificate.serial_number) is not None:
-            return
+            return False
         revoked = list(crl)
     entry = (
         x509.RevokedCertificateBuilder()
@@ -330,6 +329,7 @@ def revoke(ca_dir: Path, cert_path: Path) -> None:
         .build()
     )
     _write_crl(crl_path, ca_cert, ca_key, [*revoked, entry])
+    return True
 
 
 def _load_crl(path: Path) -> x509.CertificateRevocationList:
@@ -511,7 +511,10 @@ def client_context(tls: TlsConfig) -> ssl.SSLContext:
 
 class _DelegatingServerContext(ssl.SSLContext):
     """The SSLContext hypercorn keeps: each new connection is wrapped by whatever inner
-    context its owner holds at that moment. Its own certificate settings are unused."""
+    context its owner holds at that moment, so CA, CRL, verify flags, certificate and
+    session cache all change together. (Swapping `ssl_object.context` in an
+    sni_callback does not: the verify flags stay those of the first context, so a CRL
+    added by a reload would be ignored.) Its own certificate settings are unused."""
 
     _owner: ReloadableServerContext
 
@@ -531,9 +534,6 @@ class _DelegatingServerContext(ssl.SSLContext):
         return self._owner.current.wrap_bio(
             incoming, outgoing, server_side, server_hostname, session
         )
-
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        return self._owner.current.wrap_socket(sock, *args, **kwargs)
 
 
 class ReloadableServerContext:
