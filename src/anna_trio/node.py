@@ -1,0 +1,617 @@
+"""The node service: owns the engine and the store; the one place consensus state changes.
+
+RPC handlers and peer tasks call in here with decoded JSON; everything a reply
+acknowledges is committed to the store first. The engine decides; this shell
+verifies signatures, persists, audits, counts and gossips.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import attrs
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from . import __version__, crypto, failpoints
+from ._exceptions import ObservationError
+from .audit import AuditIdAllocator, AuditLog
+from .consensus import events as ev
+from .consensus.engine import Engine, EngineConfig, RoundView
+from .metrics import Metrics
+from .models import ROUND_ID_RE, ClusterConfig, Evidence, Observation, format_utc, parse_observation
+from .observer import Observer
+from .state.statefile import StateFile
+from .store import Statement, Store
+
+log = logging.getLogger("anna.node")
+
+STATUS_ROUNDS = 100
+SYNC_ROUNDS = 100
+AVERAGE_WINDOW = 100
+MAX_BATCH_ITEMS = 256
+
+
+class Outbox(Protocol):
+    """Where the node hands what its peers must hear (the peer supervisor)."""
+
+    def broadcast(self, kind: str, item: dict[str, Any]) -> None: ...
+
+
+class _NoPeers:
+    def broadcast(self, kind: str, item: dict[str, Any]) -> None:
+        pass
+
+
+@attrs.frozen
+class Reply:
+    """An HTTP answer the RPC layer sends as JSON."""
+
+    status: int
+    body: dict[str, Any]
+    metric: str | None = None
+
+
+def error_reply(status: int, code: str, message: str, metric: str | None = None) -> Reply:
+    return Reply(status, {"success": False, "error": code, "message": message}, metric)
+
+
+class _Rejected(Exception):
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.body.get("message"))
+        self.reply = reply
+
+
+@attrs.define
+class ReloadStatus:
+    result: str = "none"
+    at: str | None = None
+    error: str | None = None
+
+
+class Node:
+    """One Anna node's consensus state machine wrapped in durable I/O."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        key: Ed25519PrivateKey,
+        config: ClusterConfig,
+        round_timeout: float,
+        store: Store,
+        audit: AuditLog,
+        ids: AuditIdAllocator,
+        metrics: Metrics,
+        observer: Observer,
+        state_file: StateFile | None,
+    ) -> None:
+        self.node_id = node_id
+        self._key = key
+        self._round_timeout = round_timeout
+        self.store = store
+        self._audit = audit
+        self._ids = ids
+        self.metrics = metrics
+        self._observer = observer
+        self._state_file = state_file
+        self.outbox: Outbox = _NoPeers()
+        self.config = config
+        self._pubkeys: dict[str, Ed25519PublicKey] = {}
+        self.engine = Engine(self._engine_config(config))
+        self._apply_config_keys(config)
+        self._own: dict[str, Observation] = {}
+        self._own_started: set[str] = set()
+        self._completed_tis: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._rounds_completed = 0
+        self._audit_lock = trio.Lock()
+        self._state_dirty = trio.Event()
+        self._deadline_changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.reload_status = ReloadStatus()
+        self.peer_states: Callable[[], list[dict[str, Any]]] = list
+        self.started_at = time.time()
+        self._learned_wall: dict[str, float] = {}
+
+    # --- configuration ----------------------------------------------------------------
+
+    def _engine_config(self, config: ClusterConfig) -> EngineConfig:
+        return EngineConfig(
+            validators=config.validator_ids,
+            quorum=config.quorum,
+            deviation_threshold=config.byzantine_deviation_threshold,
+            window_count=config.byzantine_window_count,
+            round_timeout=self._round_timeout,
+        )
+
+    def _apply_config_keys(self, config: ClusterConfig) -> None:
+        self._pubkeys = {p.node_id: crypto.parse_public_key(p.pubkey) for p in config.peers}
+        self.metrics.quorum_size.set(config.quorum)
+        self.metrics.validator_count.set(len(config.peers))
+
+    def apply_config(self, config: ClusterConfig) -> None:
+        """Swap to a validated config: new validator set and quorum for new rounds."""
+        self.config = config
+        self.engine.reconfigure(self._engine_config(config))
+        self._apply_config_keys(config)
+        self.mark_state_dirty()
+
+    # --- start-up -----------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Replay the store into a fresh engine (start-up, before any listener opens)."""
+        data = self.store.load(keep_rounds=1000)
+        now = trio.current_time()
+        for round_id, window in data.rounds:
+            self.engine.open_round(round_id, window, now)
+        for obs in data.observations:
+            if obs.node_id in self._pubkeys:
+                self.engine.add_observation(obs, now)
+        for evidence in data.evidence:
+            self.engine.add_evidence(evidence, now)
+        self._own = dict(data.own)
+        if self._state_file is not None:
+            self._rounds_completed = int(
+                self._state_file.data.get("consensus", {}).get("rounds_completed", 0)
+            )
+        self._ids.raise_floor(data.max_own_audit_id)
+        self.metrics.byzantine_nodes.set(len(self.engine.byzantine))
+        for view in self.engine.rounds():
+            if view.status == "Complete" and view.result.consensus_tis is not None:
+                self._note_completed(view.round_id, view.result.consensus_tis)
+        log.info(
+            "restored %d rounds, %d observations, %d evidence records; byzantine: %s",
+            len(data.rounds),
+            len(data.observations),
+            len(data.evidence),
+            sorted(self.engine.byzantine) or "none",
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Round deadlines, state.json upkeep and own-observation tasks live here."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._state_writer)
+            for round_id, obs in sorted(self._own.items()):
+                if self.engine.round(round_id) is not None:
+                    self._own_started.add(round_id)
+                    nursery.start_soon(self._publish_own, obs)
+            for view in self.engine.rounds():
+                if view.status == "Pending":
+                    self._schedule_own(view.round_id, view.window_hours)
+            task_status.started()
+            await self._deadline_loop()
+
+    async def _deadline_loop(self) -> None:
+        while True:
+            deadline = self.engine.next_deadline()
+            with trio.move_on_at(deadline if deadline is not None else float("inf")):
+                await self._deadline_changed.wait()
+            self._deadline_changed = trio.Event()
+            events = self.engine.expire(trio.current_time())
+            if events:
+                await self._commit_events(events)
+
+    # --- inbound: external submit ----------------------------------------------------
+
+    async def submit(self, payload: Any, idempotency_key: str | None = None) -> Reply:
+        """POST /rpc/submit: validate, verify, decide, persist, then answer."""
+        if idempotency_key is not None:
+            stored = self.store.idempotent_answer("submit:" + idempotency_key)
+            if stored is not None:
+                return Reply(stored[0], stored[1])
+        if not isinstance(payload, dict) or set(payload) != {"observation"}:
+            reply = error_reply(422, "invalid_request", 'body must be {"observation": {...}}', "invalid")
+            self.metrics.observations_received.labels("invalid").inc()
+            return reply
+        try:
+            obs = self._verified(payload["observation"])
+        except _Rejected as rejected:
+            if rejected.reply.metric:
+                self.metrics.observations_received.labels(rejected.reply.metric).inc()
+            return rejected.reply
+        events = self.engine.add_observation(obs, trio.current_time())
+        reply = self._submit_reply(events)
+        extra = []
+        if idempotency_key is not None and reply.status < 500:
+            extra.append(Store.idempotency_stmt("submit:" + idempotency_key, reply.status, reply.body))
+        await self._commit_events(events, extra)
+        return reply
+
+    def _submit_reply(self, events: Iterable[ev.Event]) -> Reply:
+        for event in events:
+            if isinstance(event, ev.Duplicate):
+                return Reply(200, {"success": True, "message": "Observation accepted", "duplicate": True})
+            if isinstance(event, ev.ConflictDetected):
+                return error_reply(
+                    409, "conflict", "Observation rejected (Byzantine detected)"
+                )
+            if isinstance(event, ev.NotAValidator):
+                return error_reply(403, "unknown_node", "node is not a validator of this round")
+        return Reply(200, {"success": True, "message": "Observation accepted", "duplicate": False})
+
+    def _verified(self, data: Any) -> Observation:
+        try:
+            obs = parse_observation(data)
+        except ObservationError as exc:
+            raise _Rejected(error_reply(422, "invalid_observation", str(exc), "invalid")) from exc
+        public_key = self._pubkeys.get(obs.node_id)
+        if public_key is None:
+            raise _Rejected(
+                error_reply(403, "unknown_node", f"unknown node_id {obs.node_id!r}", "unknown_node")
+            )
+        if not crypto.verify_observation(obs, public_key):
+            raise _Rejected(
+                error_reply(422, "bad_signature", "signature does not verify", "bad_signature")
+            )
+        return obs
+
+    # --- inbound: peers ------------------------------------------------------------------
+
+    async def ingest(self, payload: Any) -> Reply:
+        """Batched node-to-node traffic (gossip push and anti-entropy answers)."""
+        if not isinstance(payload, dict):
+            return error_reply(422, "invalid_request", "body must be a JSON object")
+        rounds = payload.get("rounds", [])
+        observations = payload.get("observations", [])
+        evidence = payload.get("evidence", [])
+        if not all(isinstance(x, list) for x in (rounds, observations, evidence)):
+            return error_reply(422, "invalid_request", "rounds, observations, evidence must be lists")
+        if len(rounds) + len(observations) + len(evidence) > 4 * MAX_BATCH_ITEMS:
+            return error_reply(413, "too_many_items", "batch too large")
+        now = trio.current_time()
+        events: list[ev.Event] = []
+        counts = collections.Counter[str]()
+        for item in rounds:
+            if (
+                isinstance(item, dict)
+                and isinstance(item.get("round_id"), str)
+                and ROUND_ID_RE.match(item["round_id"])
+                and _valid_window(item.get("window_hours"))
+            ):
+                events += self.engine.open_round(item["round_id"], item["window_hours"], now)
+            else:
+                counts["rejected"] += 1
+        for data in observations:
+            try:
+                obs = self._verified(data)
+            except _Rejected as rejected:
+                counts["rejected"] += 1
+                if rejected.reply.metric:
+                    self.metrics.observations_received.labels(rejected.reply.metric).inc()
+                continue
+            events += self.engine.add_observation(obs, now)
+        for item in evidence:
+            try:
+                pair = Evidence(self._verified(item["first"]), self._verified(item["second"]))
+            except (_Rejected, KeyError, TypeError):
+                counts["rejected"] += 1
+                continue
+            events += self.engine.add_evidence(pair, now)
+        for event in events:
+            counts[type(event).__name__] += 1
+        await self._commit_events(events)
+        return Reply(
+            200,
+            {
+                "success": True,
+                "accepted": counts["Accepted"],
+                "duplicate": counts["Duplicate"],
+                "rejected": counts["rejected"],
+            },
+        )
+
+    def sync_answer(self, payload: Any) -> Reply:
+        """Anti-entropy: what the asker lacks among our recent rounds and evidence."""
+        if not isinstance(payload, dict) or not isinstance(payload.get("summary", {}), dict):
+            return error_reply(422, "invalid_request", "expected {summary: {round_id: [node_id]}}")
+        summary = payload.get("summary", {})
+        known_evidence = payload.get("evidence", [])
+        if not isinstance(known_evidence, list) or not all(
+            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in summary.values()
+        ):
+            return error_reply(422, "invalid_request", "summary values must be lists of node ids")
+        held = {tuple(k) for k in known_evidence if isinstance(k, list) and len(k) == 2}
+        missing = self.engine.observations_missing_from(summary, SYNC_ROUNDS)
+        rounds = [
+            {"round_id": v.round_id, "window_hours": v.window_hours}
+            for v in self.engine.rounds()[-SYNC_ROUNDS:]
+            if v.round_id not in summary
+        ]
+        return Reply(
+            200,
+            {
+                "rounds": rounds,
+                "observations": [o.to_dict() for o in missing],
+                "evidence": [
+                    {"first": e.first.to_dict(), "second": e.second.to_dict()}
+                    for e in self.engine.evidence()
+                    if (e.node_id, e.round_id) not in held
+                ],
+            },
+        )
+
+    def sync_request(self) -> dict[str, Any]:
+        return {
+            "from": self.node_id,
+            "summary": self.engine.summary(SYNC_ROUNDS),
+            "evidence": [[e.node_id, e.round_id] for e in self.engine.evidence()],
+        }
+
+    # --- rounds ----------------------------------------------------------------------------
+
+    async def start_round(self, round_id: str | None, window_hours: int) -> str:
+        """Start (idempotently) a round here and on every peer."""
+        if round_id is None:
+            round_id = self._fresh_round_id()
+        events = self.engine.open_round(round_id, window_hours, trio.current_time())
+        await self._commit_events(events)
+        self.outbox.broadcast("rounds", {"round_id": round_id, "window_hours": window_hours})
+        return round_id
+
+    def _fresh_round_id(self) -> str:
+        candidate = "round_" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        ids = self.engine.round_ids()
+        if ids and candidate <= ids[-1]:
+            candidate = ids[-1][:60] + ".1"
+        return candidate
+
+    def _schedule_own(self, round_id: str, window_hours: int) -> None:
+        if round_id in self._own_started or self._nursery is None:
+            return
+        self._own_started.add(round_id)
+        self._nursery.start_soon(self._sign_and_publish, round_id, window_hours)
+
+    async def _sign_and_publish(self, round_id: str, window_hours: int) -> None:
+        """Sign this node's observation for a round exactly once, persist, then send."""
+        obs = self._own.get(round_id) or self.store.own_observation(round_id)
+        if obs is None:
+            await failpoints.hit_async("observation.before_sign")
+            measurement = await self._observer.measure(round_id, window_hours)
+            if measurement is None:
+                self.metrics.observer_failures.inc()
+                return
+            obs = crypto.sign_observation(
+                self._key,
+                node_id=self.node_id,
+                audit_id=self._ids.next(),
+                round_id=round_id,
+                window_hours=window_hours,
+                timestamp=format_utc(datetime.now(UTC)),
+                forecast_hash=measurement.forecast_hash,
+                outcome_hash=measurement.outcome_hash,
+                tis_components=measurement.tis_components,
+                tis_overall=measurement.tis_overall,
+                bias_flags=measurement.bias_flags,
+            )
+            await self.store.commit([Store.own_stmt(obs)])
+            self._own[round_id] = obs
+        await self._publish_own(obs)
+
+    async def _publish_own(self, obs: Observation) -> None:
+        await failpoints.hit_async("observation.before_send")
+        events = self.engine.add_observation(obs, trio.current_time())
+        await self._commit_events(events)
+        self.outbox.broadcast("observations", obs.to_dict())
+
+    # --- events → durable effects ----------------------------------------------------------
+
+    async def _commit_events(self, events: list[ev.Event], extra: Iterable[Statement] = ()) -> None:
+        statements: list[Statement] = []
+        audits: list[tuple[str, dict[str, Any]]] = []
+        for event in events:
+            self._effects(event, statements, audits)
+        statements.extend(extra)
+        if statements:
+            await self.store.commit(statements)
+        for name, fields in audits:
+            async with self._audit_lock:
+                await trio.to_thread.run_sync(
+                    lambda n=name, f=fields: self._audit.append(n, f, durable=True)
+                )
+        self._deadline_changed.set()
+
+    def _effects(
+        self, event: ev.Event, statements: list[Statement], audits: list[tuple[str, dict[str, Any]]]
+    ) -> None:
+        metrics = self.metrics
+        match event:
+            case ev.RoundOpened(round_id=round_id):
+                view = self.engine.round(round_id)
+                window = view.window_hours if view else 24
+                statements.append(Store.round_stmt(round_id, window, time.time()))
+                self._learned_wall[round_id] = time.time()
+                self._schedule_own(round_id, window)
+            case ev.Accepted(obs=obs):
+                statements.append(Store.observation_stmt(obs, crypto.observation_digest(obs)))
+                metrics.observations_received.labels("accepted").inc()
+            case ev.Duplicate():
+                metrics.observations_received.labels("duplicate").inc()
+            case ev.NotAValidator():
+                metrics.observations_received.labels("unknown_node").inc()
+            case ev.ConflictDetected(evidence=evidence):
+                statements.append(Store.evidence_stmt(evidence))
+                metrics.observations_received.labels("conflict").inc()
+                self.outbox.broadcast(
+                    "evidence", {"first": evidence.first.to_dict(), "second": evidence.second.to_dict()}
+                )
+            case ev.ByzantineDetected(record=record):
+                log.warning(
+                    "byzantine node detected: %s (%s) in round %s",
+                    record.node_id,
+                    record.reason,
+                    record.round_id,
+                )
+                metrics.byzantine_nodes.set(len(self.engine.byzantine))
+                audits.append(
+                    (
+                        "byzantine_detected",
+                        {
+                            "byzantine_node": record.node_id,
+                            "reason": record.reason,
+                            "round_id": record.round_id,
+                        },
+                    )
+                )
+                self.mark_state_dirty()
+            case ev.RoundCompleted(round_id=round_id, result=result, first_time=first, duration=dur):
+                if first:
+                    metrics.consensus_rounds.inc()
+                    metrics.round_duration.observe(dur)
+                    self._rounds_completed += 1
+                    log.info(
+                        "consensus reached for %s: tis=%s quorum met with %d nodes",
+                        round_id,
+                        result.consensus_tis,
+                        len(result.participating_nodes),
+                    )
+                if result.consensus_tis is not None:
+                    self._note_completed(round_id, result.consensus_tis)
+                self.mark_state_dirty()
+            case ev.ResultChanged(round_id=round_id, result=result):
+                view = self.engine.round(round_id)
+                if view and view.status == "Complete" and result.consensus_tis is not None:
+                    self._note_completed(round_id, result.consensus_tis)
+            case ev.RoundFailed(round_id=round_id):
+                metrics.rounds_failed.inc()
+                log.warning("round %s failed: quorum not reached before the round timeout", round_id)
+            case _:
+                pass
+
+    def _note_completed(self, round_id: str, tis: float) -> None:
+        self._completed_tis[round_id] = tis
+        self._completed_tis.move_to_end(round_id)
+        while len(self._completed_tis) > AVERAGE_WINDOW:
+            self._completed_tis.popitem(last=False)
+        self.metrics.average_tis.set(sum(self._completed_tis.values()) / len(self._completed_tis))
+
+    # --- state.json upkeep ------------------------------------------------------------------
+
+    def mark_state_dirty(self) -> None:
+        self._state_dirty.set()
+
+    async def _state_writer(self) -> None:
+        """Coalesces state.json rewrites: at most one in flight, always the latest data."""
+        if self._state_file is None:
+            return
+        while True:
+            await self._state_dirty.wait()
+            self._state_dirty = trio.Event()
+            snapshot = self._state_snapshot()
+            await trio.to_thread.run_sync(self._state_file.update, snapshot.update_into)
+
+    async def persist_state(self) -> None:
+        """Write state.json now (clean shutdown)."""
+        if self._state_file is not None:
+            await trio.to_thread.run_sync(self._state_file.update, self._state_snapshot().update_into)
+
+    def _state_snapshot(self) -> _StateSnapshot:
+        completed = [v for v in self.engine.rounds() if v.status == "Complete"]
+        last = completed[-1] if completed else None
+        return _StateSnapshot(
+            validator_count=len(self.config.peers),
+            rounds_completed=self._rounds_completed,
+            last_round_id=last.round_id if last else None,
+            last_round_at=format_utc(datetime.fromtimestamp(self._wall(last.completed_at), UTC))
+            if last and last.completed_at is not None
+            else None,
+            byzantine_nodes=sorted(self.engine.byzantine),
+            peer_count=len(self.config.peers) - 1,
+            last_peer_reload=self.reload_status.at,
+            tls_enabled=self.config.tls.enabled,
+        )
+
+    def _wall(self, trio_time: float) -> float:
+        return time.time() - (trio.current_time() - trio_time)
+
+    # --- views -----------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "node_id": self.node_id, "version": __version__}
+
+    def status(self) -> dict[str, Any]:
+        views = self.engine.rounds()[-STATUS_ROUNDS:]
+        return {
+            "node_id": self.node_id,
+            "validator_count": len(self.config.peers),
+            "quorum": self.config.quorum,
+            "rounds": [
+                {
+                    "round_id": v.round_id,
+                    "status": v.status,
+                    "total_observations": len(v.observations),
+                    "consensus_tis": v.result.consensus_tis,
+                    "result_digest": v.result.digest,
+                }
+                for v in views
+            ],
+            "byzantine_nodes": [
+                {
+                    "node_id": r.node_id,
+                    "reason": r.reason,
+                    "round_id": r.round_id,
+                    "detected_at": format_utc(datetime.fromtimestamp(self._wall(r.detected_at), UTC)),
+                    "evidence": [r.evidence.first.to_dict(), r.evidence.second.to_dict()]
+                    if r.evidence
+                    else [],
+                }
+                for r in sorted(self.engine.byzantine.values(), key=lambda r: r.node_id)
+            ],
+            "peers": self.peer_states(),
+            "last_reload": attrs.asdict(self.reload_status),
+        }
+
+    def round_detail(self, round_id: str) -> dict[str, Any] | None:
+        view = self.engine.round(round_id)
+        if view is None:
+            return None
+        return round_view_json(view)
+
+
+def round_view_json(view: RoundView) -> dict[str, Any]:
+    return {
+        "round_id": view.round_id,
+        "status": view.status,
+        "participating_nodes": list(view.result.participating_nodes),
+        "total_observations": len(view.observations),
+        "required_quorum": view.required_quorum,
+        "consensus_tis": view.result.consensus_tis,
+        "consensus_biases": list(view.result.consensus_biases),
+        "observations": [o.to_dict() for o in sorted(view.observations, key=lambda o: o.node_id)],
+        "result_digest": view.result.digest,
+    }
+
+
+def _valid_window(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 8760
+
+
+@attrs.frozen
+class _StateSnapshot:
+    validator_count: int
+    rounds_completed: int
+    last_round_id: str | None
+    last_round_at: str | None
+    byzantine_nodes: list[str]
+    peer_count: int
+    last_peer_reload: str | None
+    tls_enabled: bool
+
+    def update_into(self, state: dict[str, Any]) -> None:
+        consensus = state.setdefault("consensus", {})
+        consensus.update(
+            validator_count=self.validator_count,
+            rounds_completed=self.rounds_completed,
+            byzantine_nodes=self.byzantine_nodes,
+        )
+        if self.last_round_id is not None:
+            consensus.update(last_round_id=self.last_round_id, last_round_at=self.last_round_at)
+        network = state.setdefault("network", {})
+        network.update(peer_count=self.peer_count, tls_enabled=self.tls_enabled)
+        if self.last_peer_reload is not None:
+            network["last_peer_reload"] = self.last_peer_reload

@@ -1,0 +1,285 @@
+"""Peer supervisor and per-peer tasks: bounded queues, batched gossip, backoff, anti-entropy.
+
+One PeerLink per peer, each in its own cancel scope held by the supervisor, so a
+reload can cancel, add or restart one link without touching the others. A link
+that cannot reach its peer only ever delays itself: the node never waits on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from ._exceptions import PeerError
+from .metrics import Metrics
+from .models import ClusterConfig, PeerConfig
+from .node import Node
+from .rpc.client import HttpClient
+
+log = logging.getLogger("anna.peers")
+
+REQUEST_TIMEOUT = 2.0
+ANTI_ENTROPY_INTERVAL = 3.0
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 10.0
+MAX_QUEUE = 10_000
+MAX_BATCH_BYTES = 48 * 1024
+KINDS = ("rounds", "evidence", "observations")
+
+
+def backoff_delay(attempt: int, rng: random.Random) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    return rng.uniform(0.0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempt, 30)))
+
+
+@attrs.define
+class PeerState:
+    up: bool = False
+    last_seen: str | None = None
+    failures: int = 0
+
+
+ClientFactory = Callable[[PeerConfig], HttpClient]
+
+
+class PeerLink:
+    """Everything this node says to one peer, and the anti-entropy pulls from it."""
+
+    def __init__(self, peer: PeerConfig, node: Node, make_client: ClientFactory, metrics: Metrics) -> None:
+        self.peer = peer
+        self._node = node
+        self._make_client = make_client
+        self._metrics = metrics
+        self._queue: deque[tuple[str, dict[str, Any]]] = deque(maxlen=MAX_QUEUE)
+        self._wakeup = trio.Event()
+        self._pull_now = trio.Event()
+        self.state = PeerState()
+        self._rng = random.Random()
+
+    def enqueue(self, kind: str, item: dict[str, Any]) -> None:
+        """Never blocks: a full queue drops its oldest item (anti-entropy repairs it)."""
+        self._queue.append((kind, item))
+        self._wakeup.set()
+
+    def request_pull(self) -> None:
+        self._pull_now.set()
+
+    async def run(self) -> None:
+        push, pull = self._make_client(self.peer), self._make_client(self.peer)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._push_loop, push)
+                nursery.start_soon(self._pull_loop, pull)
+        finally:
+            with trio.CancelScope(shield=True):
+                await push.aclose()
+                await pull.aclose()
+
+    def _take_batch(self) -> dict[str, list[dict[str, Any]]]:
+        batch: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
+        size = 0
+        while self._queue:
+            kind, item = self._queue[0]
+            item_size = len(json.dumps(item)) + 2
+            if size and size + item_size > MAX_BATCH_BYTES:
+                break
+            self._queue.popleft()
+            batch[kind].append(item)
+            size += item_size
+        return batch
+
+    def _requeue(self, batch: dict[str, list[dict[str, Any]]]) -> None:
+        for kind in reversed(KINDS):
+            for item in reversed(batch[kind]):
+                if len(self._queue) < MAX_QUEUE:
+                    self._queue.appendleft((kind, item))
+
+    async def _push_loop(self, client: HttpClient) -> None:
+        attempt = 0
+        while True:
+            if not self._queue:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                continue
+            batch = self._take_batch()
+            body = {"from": self._node.node_id, **batch}
+            response = await self._call(client, "/rpc/gossip", body)
+            if response is None or response.status >= 500 or response.status == 429:
+                self._requeue(batch)
+                await trio.sleep(backoff_delay(attempt, self._rng))
+                attempt += 1
+            else:
+                attempt = 0
+
+    async def _pull_loop(self, client: HttpClient) -> None:
+        attempt = 0
+        while True:
+            ok = await self.pull(client)
+            attempt = 0 if ok else attempt + 1
+            delay = ANTI_ENTROPY_INTERVAL if ok else max(backoff_delay(attempt, self._rng), 0.05)
+            with trio.move_on_after(delay):
+                await self._pull_now.wait()
+            self._pull_now = trio.Event()
+
+    async def pull(self, client: HttpClient) -> bool:
+        """One anti-entropy exchange: send our summary, ingest what we lacked."""
+        response = await self._call(client, "/rpc/sync", self._node.sync_request())
+        if response is None or response.status != 200:
+            return False
+        try:
+            payload = response.json()
+        except PeerError:
+            return False
+        await self._node.ingest(payload)
+        return True
+
+    async def _call(self, client: HttpClient, path: str, body: dict[str, Any]) -> Any:
+        peer_id = self.peer.node_id
+        started = time.perf_counter()
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                response = await client.request("POST", path, json_body=body)
+        except trio.TooSlowError:
+            self._mark(False, "timeout")
+            await client.aclose()
+            return None
+        except PeerError as exc:
+            self._mark(False, "error")
+            if self.state.failures in (1, 10) or self.state.failures % 100 == 0:
+                log.warning("peer %s unreachable (%s); retrying with backoff", peer_id, exc)
+            return None
+        self._metrics.peer_request_duration.labels(peer_id).observe(time.perf_counter() - started)
+        if response.status >= 500:
+            self._mark(False, "error")
+        elif response.status >= 400:
+            self._mark(True, "rejected")
+        else:
+            self._mark(True, "success")
+        return response
+
+    def _mark(self, up: bool, status: str) -> None:
+        peer_id = self.peer.node_id
+        self._metrics.peer_requests.labels(peer_id, status).inc()
+        self._metrics.peer_up.labels(peer_id).set(1 if up else 0)
+        if up:
+            if not self.state.up and self.state.failures:
+                log.info("peer %s is back after %d failures", peer_id, self.state.failures)
+            self.state.up, self.state.failures = True, 0
+            self.state.last_seen = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        else:
+            self.state.up = False
+            self.state.failures += 1
+
+
+@attrs.define
+class _RunningLink:
+    link: PeerLink
+    scope: trio.CancelScope
+
+
+class PeerSupervisor:
+    """Owns one PeerLink per peer; implements the node's Outbox."""
+
+    def __init__(self, node: Node, metrics: Metrics, client_tls: Callable[[ClusterConfig], ssl.SSLContext | None]) -> None:
+        self._node = node
+        self._metrics = metrics
+        self._client_tls = client_tls
+        self._links: dict[str, _RunningLink] = {}
+        self._nursery: trio.Nursery | None = None
+        self._ssl: ssl.SSLContext | None = None
+
+    @property
+    def links(self) -> dict[str, PeerLink]:
+        return {peer_id: running.link for peer_id, running in self._links.items()}
+
+    def peer_states(self) -> list[dict[str, Any]]:
+        return [
+            {"node_id": peer_id, "up": link.state.up, "last_seen": link.state.last_seen}
+            for peer_id, link in sorted(self.links.items())
+        ]
+
+    def broadcast(self, kind: str, item: dict[str, Any]) -> None:
+        for running in self._links.values():
+            running.link.enqueue(kind, item)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self.apply(self._node.config)
+            self._node.outbox = self
+            self._node.peer_states = self.peer_states
+            task_status.started()
+
+    async def apply(self, config: ClusterConfig, changed: set[str] | None = None) -> None:
+        """Make the running links match `config`: cancel removed, start added, restart changed."""
+        assert self._nursery is not None
+        self._ssl = self._client_tls(config)
+        wanted = {p.node_id: p for p in config.peers if p.node_id != self._node.node_id}
+        for peer_id in list(self._links):
+            if peer_id not in wanted or peer_id in (changed or set()):
+                self._links.pop(peer_id).scope.cancel()
+                if peer_id not in wanted:
+                    self._metrics.forget_peer(peer_id)
+        for peer_id, peer in wanted.items():
+            if peer_id not in self._links:
+                link = PeerLink(peer, self._node, self._make_client, self._metrics)
+                scope = await self._nursery.start(self._run_link, link)
+                self._links[peer_id] = _RunningLink(link, scope)
+                self._metrics.peer_up.labels(peer_id).set(0)
+
+    @staticmethod
+    async def _run_link(link: PeerLink, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            await link.run()
+
+    def _make_client(self, peer: PeerConfig) -> HttpClient:
+        from . import tls
+
+        context = self._ssl
+
+        def verify(ssl_object: ssl.SSLObject) -> str | None:
+            return tls.check_peer_identity(
+                ssl_object, expected_node_id=peer.node_id, pinned_fingerprint=peer.fingerprint
+            )
+
+        def count_failure(reason: str) -> None:
+            self._metrics.tls_handshake_failures.labels("client", reason).inc()
+
+        return HttpClient(
+            peer.address,
+            peer.port,
+            ssl_context=context,
+            server_hostname=peer.address if context else None,
+            verify_peer=verify if context else None,
+            on_tls_failure=count_failure,
+        )
+
+    async def pull_all(self) -> int:
+        """Anti-entropy with every peer now (for /rpc/reconcile); returns peers reached."""
+        reached = 0
+
+        async def one(link: PeerLink) -> None:
+            nonlocal reached
+            client = self._make_client(link.peer)
+            try:
+                if await link.pull(client):
+                    reached += 1
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+
+        async with trio.open_nursery() as nursery:
+            for running in list(self._links.values()):
+                nursery.start_soon(one, running.link)
+        return reached
+

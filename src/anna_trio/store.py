@@ -1,0 +1,235 @@
+"""Durable node data: rounds, observations, evidence, own signed observations, idempotency.
+
+SQLite in WAL mode with ``synchronous=NORMAL``: a committed transaction survives
+kill -9 of the process (the WAL is in the OS page cache before COMMIT returns), which
+is the durability the daemon acknowledges. Writes go through a group-commit writer:
+callers queue their statements and wait; one worker-thread transaction commits every
+queued batch, so a burst of observations costs one commit, not one each.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from . import failpoints
+from .models import Evidence, Observation, parse_observation
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id TEXT PRIMARY KEY,
+    window_hours INTEGER NOT NULL,
+    learned_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS observations (
+    round_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (round_id, node_id, digest)
+);
+CREATE TABLE IF NOT EXISTS evidence (
+    node_id TEXT NOT NULL,
+    round_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (node_id, round_id)
+);
+CREATE TABLE IF NOT EXISTS own (
+    round_id TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    status INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+"""
+
+Statement = tuple[str, tuple[Any, ...]]
+
+
+def _obs_json(obs: Observation) -> str:
+    return json.dumps(obs.to_dict(), separators=(",", ":"))
+
+
+@attrs.frozen
+class StoredData:
+    """Everything a restarting node replays into its engine."""
+
+    rounds: list[tuple[str, int]]
+    observations: list[Observation]
+    evidence: list[Evidence]
+    own: dict[str, Observation]
+    max_own_audit_id: int
+
+
+class Store:
+    """The node's database. Open synchronously at start-up; write with `await commit(...)`."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._pending: list[Statement] = []
+        self._batch_done = trio.Event()
+        self._wakeup = trio.Event()
+        self._closed = False
+
+    # --- statements ---------------------------------------------------------------
+
+    @staticmethod
+    def round_stmt(round_id: str, window_hours: int, learned_at: float) -> Statement:
+        return (
+            "INSERT OR IGNORE INTO rounds VALUES (?, ?, ?)",
+            (round_id, window_hours, learned_at),
+        )
+
+    @staticmethod
+    def observation_stmt(obs: Observation, digest: str) -> Statement:
+        return (
+            "INSERT OR IGNORE INTO observations VALUES (?, ?, ?, ?)",
+            (obs.round_id, obs.node_id, digest, _obs_json(obs)),
+        )
+
+    @staticmethod
+    def evidence_stmt(evidence: Evidence) -> Statement:
+        body = json.dumps(
+            {"first": evidence.first.to_dict(), "second": evidence.second.to_dict()},
+            separators=(",", ":"),
+        )
+        return (
+            "INSERT OR IGNORE INTO evidence VALUES (?, ?, ?)",
+            (evidence.node_id, evidence.round_id, body),
+        )
+
+    @staticmethod
+    def own_stmt(obs: Observation) -> Statement:
+        return ("INSERT OR IGNORE INTO own VALUES (?, ?)", (obs.round_id, _obs_json(obs)))
+
+    @staticmethod
+    def idempotency_stmt(key: str, status: int, body: dict[str, Any]) -> Statement:
+        return (
+            "INSERT OR IGNORE INTO idempotency VALUES (?, ?, ?)",
+            (key, status, json.dumps(body, separators=(",", ":"))),
+        )
+
+    # --- writing ------------------------------------------------------------------
+
+    async def commit(self, statements: Iterable[Statement]) -> None:
+        """Return once every statement is durably committed (group commit)."""
+        self._pending.extend(statements)
+        done = self._batch_done
+        self._wakeup.set()
+        await done.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer loop: commits queued batches one transaction at a time."""
+        task_status.started()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            batch, self._pending = self._pending, []
+            done, self._batch_done = self._batch_done, trio.Event()
+            if batch:
+                await trio.to_thread.run_sync(self._write_batch, batch, abandon_on_cancel=False)
+            done.set()
+
+    def _write_batch(self, batch: list[Statement]) -> None:
+        failpoints.hit("store.before_commit")
+        with self._transaction():
+            for sql, params in batch:
+                self._db.execute(sql, params)
+        failpoints.hit("store.after_commit")
+
+    def write_now(self, statements: Iterable[Statement]) -> None:
+        """Synchronous commit, for start-up and offline tools only."""
+        with self._transaction():
+            for sql, params in statements:
+                self._db.execute(sql, params)
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    # --- reading ------------------------------------------------------------------
+
+    def load(self, keep_rounds: int) -> StoredData:
+        """The most recent `keep_rounds` rounds with their observations, all evidence."""
+        rounds = [
+            (str(r), int(w))
+            for r, w in reversed(
+                self._db.execute(
+                    "SELECT round_id, window_hours FROM rounds ORDER BY round_id DESC LIMIT ?",
+                    (keep_rounds,),
+                ).fetchall()
+            )
+        ]
+        oldest = rounds[0][0] if rounds else ""
+        observations = [
+            parse_observation(json.loads(body))
+            for (body,) in self._db.execute(
+                "SELECT body FROM observations WHERE round_id >= ? ORDER BY round_id", (oldest,)
+            )
+        ]
+        evidence = [self._parse_evidence(body) for (body,) in self._db.execute("SELECT body FROM evidence")]
+        own = {
+            str(rid): parse_observation(json.loads(body))
+            for rid, body in self._db.execute("SELECT round_id, body FROM own WHERE round_id >= ?", (oldest,))
+        }
+        max_own = self._db.execute(
+            "SELECT MAX(json_extract(body, '$.audit_id')) FROM own"
+        ).fetchone()[0]
+        return StoredData(rounds, observations, evidence, own, int(max_own or 0))
+
+    @staticmethod
+    def _parse_evidence(body: str) -> Evidence:
+        data = json.loads(body)
+        return Evidence(parse_observation(data["first"]), parse_observation(data["second"]))
+
+    def own_observation(self, round_id: str) -> Observation | None:
+        row = self._db.execute("SELECT body FROM own WHERE round_id = ?", (round_id,)).fetchone()
+        return parse_observation(json.loads(row[0])) if row else None
+
+    def round_observations(self, round_id: str) -> tuple[int, list[Observation]] | None:
+        """A round that may have left the engine's memory: (window_hours, observations)."""
+        row = self._db.execute(
+            "SELECT window_hours FROM rounds WHERE round_id = ?", (round_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        bodies = self._db.execute(
+            "SELECT body FROM observations WHERE round_id = ?", (round_id,)
+        ).fetchall()
+        return int(row[0]), [parse_observation(json.loads(b)) for (b,) in bodies]
+
+    def idempotent_answer(self, key: str) -> tuple[int, dict[str, Any]] | None:
+        row = self._db.execute(
+            "SELECT status, body FROM idempotency WHERE key = ?", (key,)
+        ).fetchone()
+        return (int(row[0]), json.loads(row[1])) if row else None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._db.close()
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+

@@ -1,0 +1,448 @@
+"""The local 3-node testnet (SPEC §10): init, up, down, and the three seed scenarios.
+
+Layout under DIR (default ./artifacts/testnet):
+    ca/{ca.pem,ca.key,crl.pem}
+    nodeN/{peers.yml, keys/node_id.sec, tls/node_00N.{pem,key}, audit.jsonl, annad.log, annad.pid}
+    round_{1,2,3}/node_{1,2,3}.json, node_{1,2,3}_metrics.txt, summary.json
+TLS paths in peers.yml are relative to it, so the same files serve containers (compose).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from . import crypto, tls
+from .sim import signed_observation
+from .models import ClusterConfig
+from .rpc.client import HttpClient
+
+NODES = 3
+RPC_BASE = 8000
+METRICS_BASE = 9000
+ROUND_TIMEOUT = 2.0
+READY_TIMEOUT = 30.0
+SCENARIO_TIMEOUT = 30.0
+
+
+def node_id(n: int) -> str:
+    return f"node_{n:03d}"
+
+
+@attrs.frozen
+class NodeEndpoint:
+    n: int
+    rpc_port: int
+    metrics_port: int
+
+    @property
+    def node_id(self) -> str:
+        return node_id(self.n)
+
+
+def endpoints() -> list[NodeEndpoint]:
+    return [NodeEndpoint(n, RPC_BASE + n, METRICS_BASE + n) for n in range(1, NODES + 1)]
+
+
+# --- init ----------------------------------------------------------------------------------
+
+
+def init(directory: Path, *, compose: bool = False, force: bool = False) -> None:
+    """Keys, CA, certificates and peers files for 3 nodes. Refuses to clobber unless forced."""
+    if directory.exists() and any(directory.iterdir()):
+        if not force:
+            raise FileExistsError(f"{directory} is not empty (use --force to recreate it)")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tls.init_ca(directory / "ca")
+    pubkeys = {}
+    for ep in endpoints():
+        node_dir = directory / f"node{ep.n}"
+        key = crypto.create_keypair(node_dir / "keys")
+        pubkeys[ep.n] = crypto.public_key_hex(key)
+        tls.issue_cert(
+            directory / "ca",
+            node_id=ep.node_id,
+            sans=["localhost", "127.0.0.1", f"anna-node-{ep.n}"],
+            out_dir=node_dir / "tls",
+        )
+    for ep in endpoints():
+        (directory / f"node{ep.n}" / "peers.yml").write_text(
+            peers_yaml(ep.n, pubkeys, compose=compose)
+        )
+
+
+def peers_yaml(me: int, pubkeys: dict[int, str], *, compose: bool) -> str:
+    cert = f"tls/{node_id(me)}"
+    lines = [
+        "# anna-trio testnet peers file (annactl testnet init)",
+        "allow_insecure_peers: false",
+        "tls:",
+        "  enabled: true",
+        "  ca_cert: ../ca/ca.pem",
+        f"  server_cert: {cert}.pem",
+        f"  server_key: {cert}.key",
+        f"  client_cert: {cert}.pem",
+        f"  client_key: {cert}.key",
+        "  crl: ../ca/crl.pem",
+        "quorum: majority",
+        "byzantine_deviation_threshold: 0.3",
+        "byzantine_window_count: 3",
+        "peers:",
+    ]
+    for ep in endpoints():
+        lines += [
+            f"  - node_id: {ep.node_id}",
+            f"    address: {'anna-node-%d' % ep.n if compose else '127.0.0.1'}",
+            f"    port: {ep.rpc_port}",
+            f"    pubkey: {pubkeys[ep.n]}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# --- up / down -----------------------------------------------------------------------------
+
+
+def annad_command(directory: Path, ep: NodeEndpoint) -> list[str]:
+    node_dir = directory / f"node{ep.n}"
+    return [
+        sys.executable,
+        "-m",
+        "anna_trio.cli.annad",
+        "--node-id",
+        ep.node_id,
+        "--state-dir",
+        str(node_dir),
+        "--peers",
+        str(node_dir / "peers.yml"),
+        "--audit-log",
+        str(node_dir / "audit.jsonl"),
+        "--rpc-listen",
+        f"127.0.0.1:{ep.rpc_port}",
+        "--metrics-listen",
+        f"127.0.0.1:{ep.metrics_port}",
+        "--pid-file",
+        str(node_dir / "annad.pid"),
+        "--round-timeout",
+        str(ROUND_TIMEOUT),
+    ]
+
+
+def up(directory: Path) -> None:
+    if not (directory / "ca" / "ca.pem").exists():
+        raise FileNotFoundError(f"{directory} has no testnet (run: annactl testnet init --dir {directory})")
+    env = dict(os.environ, ANNA_FAILPOINTS_HTTP="1")
+    for ep in endpoints():
+        node_dir = directory / f"node{ep.n}"
+        with (node_dir / "annad.log").open("ab") as log:
+            subprocess.Popen(
+                annad_command(directory, ep),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+    trio.run(wait_ready, directory)
+
+
+async def wait_ready(directory: Path) -> None:
+    with trio.move_on_after(READY_TIMEOUT):
+        for ep in endpoints():
+            while not await _ready(ep):
+                await trio.sleep(0.1)
+        return
+    logs = "; ".join(
+        f"node{ep.n}: " + _tail(directory / f"node{ep.n}" / "annad.log") for ep in endpoints()
+    )
+    raise RuntimeError(f"testnet not ready after {READY_TIMEOUT:.0f} s: {logs}")
+
+
+def _tail(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip().splitlines()[-1]
+    except (OSError, IndexError):
+        return "(no log)"
+
+
+async def _ready(ep: NodeEndpoint) -> bool:
+    client = HttpClient("127.0.0.1", ep.metrics_port)
+    try:
+        with trio.move_on_after(1):
+            return (await client.request("GET", "/ready")).status == 200
+        return False
+    except OSError:
+        return False
+    finally:
+        await client.aclose()
+
+
+def down(directory: Path, *, timeout: float = 10.0) -> list[str]:
+    """SIGTERM every node, SIGKILL what is still alive after `timeout`; returns what was done."""
+    done = []
+    for ep in endpoints():
+        pid_file = directory / f"node{ep.n}" / "annad.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError):
+            continue
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            done.append(f"{ep.node_id}: killed (did not stop in {timeout:.0f} s)")
+        else:
+            done.append(f"{ep.node_id}: stopped")
+    return done
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+# --- scenarios -----------------------------------------------------------------------------
+
+
+class ScenarioFailed(Exception):
+    """An expectation of a scenario did not hold."""
+
+
+class Cluster:
+    """Talks to the three nodes: RPC over mTLS, metrics and failpoints over plain HTTP."""
+
+    def __init__(self, directory: Path) -> None:
+        from .config import load_cluster_config
+
+        self.directory = directory
+        config: ClusterConfig = load_cluster_config(
+            directory / "node1" / "peers.yml", node_id=None, check_tls_files=False
+        )
+        self._ssl = tls.client_context(config.tls) if config.tls.enabled else None
+        self._rpc = {
+            ep.n: HttpClient(
+                "127.0.0.1",
+                ep.rpc_port,
+                ssl_context=self._ssl,
+                server_hostname="127.0.0.1" if self._ssl else None,
+            )
+            for ep in endpoints()
+        }
+
+    async def aclose(self) -> None:
+        for client in self._rpc.values():
+            await client.aclose()
+
+    async def rpc(self, n: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        with trio.fail_after(10):
+            response = await self._rpc[n].request(method, path, json_body=body)
+        return response.status, response.json()
+
+    async def plain(self, n: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        client = HttpClient("127.0.0.1", METRICS_BASE + n)
+        try:
+            with trio.fail_after(10):
+                response = await client.request(method, path, body=body)
+        finally:
+            await client.aclose()
+        return response.status, response.body
+
+    async def round(self, n: int, round_id: str) -> dict[str, Any] | None:
+        status, data = await self.rpc(n, "GET", f"/rpc/status?round_id={round_id}")
+        return data if status == 200 else None
+
+    async def wait_for(self, what: str, check: Callable[[], Awaitable[bool]], timeout: float = SCENARIO_TIMEOUT) -> None:
+        with trio.move_on_after(timeout):
+            while not await check():
+                await trio.sleep(0.05)
+            return
+        raise ScenarioFailed(f"timed out after {timeout:.0f} s waiting for {what}")
+
+    async def byzantine_ids(self, n: int) -> set[str]:
+        _, data = await self.rpc(n, "GET", "/rpc/status")
+        return {b["node_id"] for b in data["byzantine_nodes"]}
+
+
+@attrs.define
+class ScenarioResult:
+    number: int
+    name: str
+    round_id: str
+    passed: bool = False
+    detail: str = ""
+    consensus_tis: dict[str, float | None] = attrs.Factory(dict)
+
+
+async def scenario_healthy(cluster: Cluster, round_id: str) -> str:
+    byzantine_before = await cluster.byzantine_ids(1)
+    expected = {ep.node_id for ep in endpoints()} - byzantine_before
+    status, data = await cluster.rpc(1, "POST", "/rpc/round/start", {"round_id": round_id})
+    if status != 202:
+        raise ScenarioFailed(f"round start answered {status}: {data}")
+
+    async def complete_everywhere() -> bool:
+        views = [await cluster.round(ep.n, round_id) for ep in endpoints()]
+        return all(
+            v is not None and v["status"] == "Complete" and set(v["participating_nodes"]) == expected
+            for v in views
+        )
+
+    await cluster.wait_for(f"{round_id} Complete with {sorted(expected)} on every node", complete_everywhere)
+    return await _identical(cluster, round_id)
+
+
+async def _identical(cluster: Cluster, round_id: str) -> str:
+    views = [await cluster.round(ep.n, round_id) for ep in endpoints()]
+    tis = {v["consensus_tis"] for v in views if v}
+    digests = {v["result_digest"] for v in views if v}
+    if len(tis) != 1 or len(digests) != 1:
+        raise ScenarioFailed(f"results differ between nodes: tis {tis}, digests {digests}")
+    return f"consensus_tis {tis.pop()} identical on all nodes"
+
+
+async def scenario_slow_node(cluster: Cluster, round_id: str) -> str:
+    delay_ms = int((ROUND_TIMEOUT + 2.0) * 1000)
+    status, body = await cluster.plain(2, "PUT", "/debug/failpoints/observation.before_send", f"sleep({delay_ms})".encode())
+    if status != 200:
+        raise ScenarioFailed(f"arming the failpoint on node 2 answered {status}: {body!r} (ANNA_FAILPOINTS_HTTP=1?)")
+    try:
+        started = trio.current_time()
+        await cluster.rpc(1, "POST", "/rpc/round/start", {"round_id": round_id})
+        fast = {"node_001", "node_003"}
+
+        async def complete_without_node2() -> bool:
+            views = [await cluster.round(n, round_id) for n in (1, 3)]
+            return all(v is not None and v["status"] == "Complete" for v in views)
+
+        await cluster.wait_for("the round to complete on nodes 1 and 3", complete_without_node2, ROUND_TIMEOUT + 1.5)
+        elapsed = trio.current_time() - started
+        for n in (1, 3):
+            view = await cluster.round(n, round_id)
+            assert view is not None
+            if set(view["participating_nodes"]) != fast:
+                raise ScenarioFailed(f"node {n} completed with {view['participating_nodes']}, expected nodes 1 and 3 only")
+        await trio.sleep(max(0.0, delay_ms / 1000 - elapsed) + 0.2)
+    finally:
+        await cluster.plain(2, "DELETE", "/debug/failpoints/observation.before_send")
+    for ep in endpoints():
+        status, data = await cluster.rpc(ep.n, "POST", "/rpc/reconcile", {})
+        if status != 200:
+            raise ScenarioFailed(f"reconcile on node {ep.n} answered {status}: {data}")
+
+    async def all_three_everywhere() -> bool:
+        views = [await cluster.round(ep.n, round_id) for ep in endpoints()]
+        return all(v is not None and v["status"] == "Complete" and len(v["participating_nodes"]) == 3 for v in views)
+
+    await cluster.wait_for("all three observations everywhere after reconcile", all_three_everywhere, 10)
+    return f"completed on time ({elapsed:.2f} s) with nodes 1 and 3; " + await _identical(cluster, round_id)
+
+
+async def scenario_byzantine(cluster: Cluster, round_id: str) -> str:
+    key_file = cluster.directory / "node3" / "keys" / "node_id.sec"
+    first = signed_observation(key_file, "node_003", round_id, tis=0.85, audit_id=10**12)
+    second = signed_observation(key_file, "node_003", round_id, tis=0.15, audit_id=10**12 + 1)
+    for n, obs in ((1, first), (2, second)):
+        status, data = await cluster.rpc(n, "POST", "/rpc/submit", {"observation": obs})
+        if status != 200:
+            raise ScenarioFailed(f"node {n} refused the crafted observation: {status} {data}")
+    await cluster.rpc(1, "POST", "/rpc/round/start", {"round_id": round_id})
+
+    async def flagged_everywhere() -> bool:
+        for ep in endpoints():
+            _, data = await cluster.rpc(ep.n, "GET", "/rpc/status")
+            records = [b for b in data["byzantine_nodes"] if b["node_id"] == "node_003"]
+            if not records or len(records[0]["evidence"]) != 2:
+                return False
+            _, metrics = await cluster.plain(ep.n, "GET", "/metrics")
+            if b"anna_byzantine_nodes_total 1.0" not in metrics:
+                return False
+        return True
+
+    await cluster.wait_for("node_003 flagged with evidence on every node", flagged_everywhere)
+
+    async def complete_with_1_and_2() -> bool:
+        views = [await cluster.round(ep.n, round_id) for ep in endpoints()]
+        return all(
+            v is not None and v["status"] == "Complete" and set(v["participating_nodes"]) == {"node_001", "node_002"}
+            for v in views
+        )
+
+    await cluster.wait_for("the round to complete with nodes 1 and 2 everywhere", complete_with_1_and_2)
+    return "node_003 Byzantine (ConflictingObservations) on all nodes; " + await _identical(cluster, round_id)
+
+
+SCENARIOS: list[tuple[str, Callable[[Cluster, str], Awaitable[str]]]] = [
+    ("healthy quorum", scenario_healthy),
+    ("slow node", scenario_slow_node),
+    ("byzantine detection", scenario_byzantine),
+]
+
+
+async def run_scenarios(directory: Path) -> list[ScenarioResult]:
+    """Run the three scenarios against a running testnet and collect artifacts."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    cluster = Cluster(directory)
+    results = []
+    try:
+        for number, (name, scenario) in enumerate(SCENARIOS, start=1):
+            result = ScenarioResult(number, name, f"tn{stamp}_{number}")
+            try:
+                result.detail = await scenario(cluster, result.round_id)
+                result.passed = True
+            except (ScenarioFailed, OSError, KeyError, TypeError, trio.TooSlowError) as exc:
+                result.detail = f"{type(exc).__name__}: {exc}"
+            out = directory / f"round_{number}"
+            out.mkdir(exist_ok=True)
+            for ep in endpoints():
+                try:
+                    _, status = await cluster.rpc(ep.n, "GET", "/rpc/status")
+                    detail = await cluster.round(ep.n, result.round_id)
+                except (OSError, trio.TooSlowError) as exc:
+                    status, detail = {"error": str(exc)}, None
+                (out / f"node_{ep.n}.json").write_text(json.dumps(status, indent=2, sort_keys=True))
+                (out / f"node_{ep.n}_round.json").write_text(json.dumps(detail, indent=2, sort_keys=True))
+                result.consensus_tis[ep.node_id] = detail["consensus_tis"] if detail else None
+            results.append(result)
+        for ep in endpoints():
+            try:
+                _, metrics = await cluster.plain(ep.n, "GET", "/metrics")
+            except OSError as exc:
+                metrics = f"# unreachable: {exc}\n".encode()
+            (directory / f"node_{ep.n}_metrics.txt").write_bytes(metrics)
+    finally:
+        await cluster.aclose()
+    summary = {
+        "passed": all(r.passed for r in results),
+        "scenarios": [attrs.asdict(r) for r in results],
+    }
+    (directory / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return results
+
+
+def summary_table(results: list[ScenarioResult]) -> str:
+    rows = [f"{'#':<2} {'SCENARIO':<22} {'RESULT':<6} DETAIL"]
+    for r in results:
+        rows.append(f"{r.number:<2} {r.name:<22} {'PASS' if r.passed else 'FAIL':<6} {r.detail}")
+    passed = sum(r.passed for r in results)
+    rows.append(f"{passed} passed, {len(results) - passed} failed")
+    return "\n".join(rows)
