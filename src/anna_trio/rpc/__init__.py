@@ -1,0 +1,1 @@
+"""Node-to-node RPC: the HTTP server and the peer client."""
