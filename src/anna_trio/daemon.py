@@ -224,7 +224,12 @@ class Daemon:
             return None
         from .tls import ReloadableServerContext
 
-        self._server_tls = ReloadableServerContext(config.tls)
+        self._server_tls = ReloadableServerContext(
+            config.tls,
+            on_handshake_failure=lambda reason: self.metrics.tls_handshake_failures.labels(
+                "server", reason
+            ).inc(),
+        )
         context: ssl.SSLContext = self._server_tls.context
         return context
 

@@ -28,12 +28,12 @@ from .sim import signed_observation
 from .models import ClusterConfig
 from .rpc.client import HttpClient
 
-NODES = 3
 RPC_BASE = 8000
 METRICS_BASE = 9000
 ROUND_TIMEOUT = 2.0
 READY_TIMEOUT = 30.0
 SCENARIO_TIMEOUT = 30.0
+LAYOUT_FILE = "testnet.json"
 
 
 def node_id(n: int) -> str:
@@ -45,66 +45,135 @@ class NodeEndpoint:
     n: int
     rpc_port: int
     metrics_port: int
+    host: str = "127.0.0.1"
 
     @property
     def node_id(self) -> str:
         return node_id(self.n)
 
+    @property
+    def node_dir_name(self) -> str:
+        return f"node{self.n}"
 
-def endpoints() -> list[NodeEndpoint]:
-    return [NodeEndpoint(n, RPC_BASE + n, METRICS_BASE + n) for n in range(1, NODES + 1)]
+
+@attrs.frozen
+class Layout:
+    """Where a local cluster lives and listens; saved as testnet.json in its folder."""
+
+    directory: Path
+    rpc_ports: tuple[int, ...] = (8001, 8002, 8003)
+    metrics_ports: tuple[int, ...] = (9001, 9002, 9003)
+    hosts: tuple[str, ...] = ("127.0.0.1", "127.0.0.1", "127.0.0.1")
+    tls: bool = True
+    round_timeout: float = ROUND_TIMEOUT
+
+    @property
+    def endpoints(self) -> list[NodeEndpoint]:
+        return [
+            NodeEndpoint(i + 1, rpc, metrics, host)
+            for i, (rpc, metrics, host) in enumerate(zip(self.rpc_ports, self.metrics_ports, self.hosts, strict=True))
+        ]
+
+    def node_dir(self, n: int) -> Path:
+        return self.directory / f"node{n}"
+
+    def save(self) -> None:
+        data = attrs.asdict(self)
+        data["directory"] = None
+        (self.directory / LAYOUT_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> Layout:
+        """The saved layout of a testnet folder, or the default one (SPEC §10 ports)."""
+        path = directory / LAYOUT_FILE
+        if not path.exists():
+            return cls(directory)
+        data = json.loads(path.read_text())
+        data["directory"] = directory
+        for key in ("rpc_ports", "metrics_ports", "hosts"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+
+def free_layout(directory: Path, nodes: int, *, tls: bool = True, round_timeout: float = ROUND_TIMEOUT) -> Layout:
+    """A layout on free loopback ports (tests and benchmarks)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(2 * nodes)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        ports = [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+    return Layout(
+        directory,
+        tuple(ports[:nodes]),
+        tuple(ports[nodes:]),
+        ("127.0.0.1",) * nodes,
+        tls,
+        round_timeout,
+    )
 
 
 # --- init ----------------------------------------------------------------------------------
 
 
-def init(directory: Path, *, compose: bool = False, force: bool = False) -> None:
-    """Keys, CA, certificates and peers files for 3 nodes. Refuses to clobber unless forced."""
+def init(layout: Layout, *, compose: bool = False, force: bool = False) -> None:
+    """Keys, CA, certificates and peers files for every node. Refuses to clobber unless forced."""
+    directory = layout.directory
     if directory.exists() and any(directory.iterdir()):
         if not force:
             raise FileExistsError(f"{directory} is not empty (use --force to recreate it)")
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tls.init_ca(directory / "ca")
+    layout.save()
+    if layout.tls:
+        tls.init_ca(directory / "ca")
     pubkeys = {}
-    for ep in endpoints():
-        node_dir = directory / f"node{ep.n}"
+    for ep in layout.endpoints:
+        node_dir = layout.node_dir(ep.n)
         key = crypto.create_keypair(node_dir / "keys")
         pubkeys[ep.n] = crypto.public_key_hex(key)
-        tls.issue_cert(
-            directory / "ca",
-            node_id=ep.node_id,
-            sans=["localhost", "127.0.0.1", f"anna-node-{ep.n}"],
-            out_dir=node_dir / "tls",
-        )
-    for ep in endpoints():
-        (directory / f"node{ep.n}" / "peers.yml").write_text(
-            peers_yaml(ep.n, pubkeys, compose=compose)
-        )
+        if layout.tls:
+            tls.issue_cert(
+                directory / "ca",
+                node_id=ep.node_id,
+                sans=["localhost", ep.host, f"anna-node-{ep.n}"],
+                out_dir=node_dir / "tls",
+            )
+    for ep in layout.endpoints:
+        (layout.node_dir(ep.n) / "peers.yml").write_text(peers_yaml(layout, ep.n, pubkeys, compose=compose))
 
 
-def peers_yaml(me: int, pubkeys: dict[int, str], *, compose: bool) -> str:
+def peers_yaml(layout: Layout, me: int, pubkeys: dict[int, str], *, compose: bool) -> str:
     cert = f"tls/{node_id(me)}"
-    lines = [
-        "# anna-trio testnet peers file (annactl testnet init)",
-        "allow_insecure_peers: false",
-        "tls:",
-        "  enabled: true",
-        "  ca_cert: ../ca/ca.pem",
-        f"  server_cert: {cert}.pem",
-        f"  server_key: {cert}.key",
-        f"  client_cert: {cert}.pem",
-        f"  client_key: {cert}.key",
-        "  crl: ../ca/crl.pem",
+    if layout.tls:
+        lines = [
+            "# anna-trio testnet peers file (annactl testnet init)",
+            "allow_insecure_peers: false",
+            "tls:",
+            "  enabled: true",
+            "  ca_cert: ../ca/ca.pem",
+            f"  server_cert: {cert}.pem",
+            f"  server_key: {cert}.key",
+            f"  client_cert: {cert}.pem",
+            f"  client_key: {cert}.key",
+            "  crl: ../ca/crl.pem",
+        ]
+    else:
+        lines = ["# anna-trio testnet peers file (plain HTTP)", "allow_insecure_peers: true"]
+    lines += [
         "quorum: majority",
         "byzantine_deviation_threshold: 0.3",
         "byzantine_window_count: 3",
         "peers:",
     ]
-    for ep in endpoints():
+    for ep in layout.endpoints:
         lines += [
             f"  - node_id: {ep.node_id}",
-            f"    address: {'anna-node-%d' % ep.n if compose else '127.0.0.1'}",
+            f"    address: {'anna-node-%d' % ep.n if compose else ep.host}",
             f"    port: {ep.rpc_port}",
             f"    pubkey: {pubkeys[ep.n]}",
         ]
@@ -114,8 +183,8 @@ def peers_yaml(me: int, pubkeys: dict[int, str], *, compose: bool) -> str:
 # --- up / down -----------------------------------------------------------------------------
 
 
-def annad_command(directory: Path, ep: NodeEndpoint) -> list[str]:
-    node_dir = directory / f"node{ep.n}"
+def annad_command(layout: Layout, ep: NodeEndpoint) -> list[str]:
+    node_dir = layout.node_dir(ep.n)
     return [
         sys.executable,
         "-m",
@@ -129,43 +198,48 @@ def annad_command(directory: Path, ep: NodeEndpoint) -> list[str]:
         "--audit-log",
         str(node_dir / "audit.jsonl"),
         "--rpc-listen",
-        f"127.0.0.1:{ep.rpc_port}",
+        f"{ep.host}:{ep.rpc_port}",
         "--metrics-listen",
-        f"127.0.0.1:{ep.metrics_port}",
+        f"{ep.host}:{ep.metrics_port}",
         "--pid-file",
         str(node_dir / "annad.pid"),
         "--round-timeout",
-        str(ROUND_TIMEOUT),
+        str(layout.round_timeout),
     ]
 
 
-def up(directory: Path) -> None:
-    if not (directory / "ca" / "ca.pem").exists():
-        raise FileNotFoundError(f"{directory} has no testnet (run: annactl testnet init --dir {directory})")
-    env = dict(os.environ, ANNA_FAILPOINTS_HTTP="1")
-    for ep in endpoints():
-        node_dir = directory / f"node{ep.n}"
-        with (node_dir / "annad.log").open("ab") as log:
-            subprocess.Popen(
-                annad_command(directory, ep),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
-    trio.run(wait_ready, directory)
+def start_node(layout: Layout, ep: NodeEndpoint, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start one annad in its own session, logging to nodeN/annad.log."""
+    full_env = dict(os.environ, ANNA_FAILPOINTS_HTTP="1", **(env or {}))
+    with (layout.node_dir(ep.n) / "annad.log").open("ab") as log:
+        return subprocess.Popen(
+            annad_command(layout, ep),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+            start_new_session=True,
+        )
 
 
-async def wait_ready(directory: Path) -> None:
+def up(layout: Layout) -> list[subprocess.Popen[bytes]]:
+    if not (layout.node_dir(1) / "peers.yml").exists():
+        raise FileNotFoundError(
+            f"{layout.directory} has no testnet (run: annactl testnet init --dir {layout.directory})"
+        )
+    processes = [start_node(layout, ep) for ep in layout.endpoints]
+    trio.run(wait_ready, layout)
+    return processes
+
+
+async def wait_ready(layout: Layout, nodes: list[int] | None = None) -> None:
+    chosen = [ep for ep in layout.endpoints if nodes is None or ep.n in nodes]
     with trio.move_on_after(READY_TIMEOUT):
-        for ep in endpoints():
+        for ep in chosen:
             while not await _ready(ep):
-                await trio.sleep(0.1)
+                await trio.sleep(0.05)
         return
-    logs = "; ".join(
-        f"node{ep.n}: " + _tail(directory / f"node{ep.n}" / "annad.log") for ep in endpoints()
-    )
+    logs = "; ".join(f"node{ep.n}: " + _tail(layout.node_dir(ep.n) / "annad.log") for ep in chosen)
     raise RuntimeError(f"testnet not ready after {READY_TIMEOUT:.0f} s: {logs}")
 
 
@@ -177,7 +251,7 @@ def _tail(path: Path) -> str:
 
 
 async def _ready(ep: NodeEndpoint) -> bool:
-    client = HttpClient("127.0.0.1", ep.metrics_port)
+    client = HttpClient(ep.host, ep.metrics_port)
     try:
         with trio.move_on_after(1):
             return (await client.request("GET", "/ready")).status == 200
@@ -188,11 +262,11 @@ async def _ready(ep: NodeEndpoint) -> bool:
         await client.aclose()
 
 
-def down(directory: Path, *, timeout: float = 10.0) -> list[str]:
+def down(layout: Layout, *, timeout: float = 10.0) -> list[str]:
     """SIGTERM every node, SIGKILL what is still alive after `timeout`; returns what was done."""
     done = []
-    for ep in endpoints():
-        pid_file = directory / f"node{ep.n}" / "annad.pid"
+    for ep in layout.endpoints:
+        pid_file = layout.node_dir(ep.n) / "annad.pid"
         try:
             pid = int(pid_file.read_text().strip())
             os.kill(pid, signal.SIGTERM)
@@ -231,22 +305,24 @@ class ScenarioFailed(Exception):
 class Cluster:
     """Talks to the three nodes: RPC over mTLS, metrics and failpoints over plain HTTP."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, layout: Layout) -> None:
         from .config import load_cluster_config
 
-        self.directory = directory
+        self.layout = layout
+        self.directory = layout.directory
         config: ClusterConfig = load_cluster_config(
-            directory / "node1" / "peers.yml", node_id=None, check_tls_files=False
+            layout.node_dir(1) / "peers.yml", node_id=None, check_tls_files=False
         )
         self._ssl = tls.client_context(config.tls) if config.tls.enabled else None
+        self._endpoints = {ep.n: ep for ep in layout.endpoints}
         self._rpc = {
             ep.n: HttpClient(
-                "127.0.0.1",
+                ep.host,
                 ep.rpc_port,
                 ssl_context=self._ssl,
-                server_hostname="127.0.0.1" if self._ssl else None,
+                server_hostname=ep.host if self._ssl else None,
             )
-            for ep in endpoints()
+            for ep in layout.endpoints
         }
 
     async def aclose(self) -> None:
@@ -259,7 +335,8 @@ class Cluster:
         return response.status, response.json()
 
     async def plain(self, n: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        client = HttpClient("127.0.0.1", METRICS_BASE + n)
+        ep = self._endpoints[n]
+        client = HttpClient(ep.host, ep.metrics_port)
         try:
             with trio.fail_after(10):
                 response = await client.request(method, path, body=body)
@@ -295,13 +372,13 @@ class ScenarioResult:
 
 async def scenario_healthy(cluster: Cluster, round_id: str) -> str:
     byzantine_before = await cluster.byzantine_ids(1)
-    expected = {ep.node_id for ep in endpoints()} - byzantine_before
+    expected = {ep.node_id for ep in cluster.layout.endpoints} - byzantine_before
     status, data = await cluster.rpc(1, "POST", "/rpc/round/start", {"round_id": round_id})
     if status != 202:
         raise ScenarioFailed(f"round start answered {status}: {data}")
 
     async def complete_everywhere() -> bool:
-        views = [await cluster.round(ep.n, round_id) for ep in endpoints()]
+        views = [await cluster.round(ep.n, round_id) for ep in cluster.layout.endpoints]
         return all(
             v is not None and v["status"] == "Complete" and set(v["participating_nodes"]) == expected
             for v in views
@@ -312,7 +389,7 @@ async def scenario_healthy(cluster: Cluster, round_id: str) -> str:
 
 
 async def _identical(cluster: Cluster, round_id: str) -> str:
-    views = [await cluster.round(ep.n, round_id) for ep in endpoints()]
+    views = [await cluster.round(ep.n, round_id) for ep in cluster.layout.endpoints]
     tis = {v["consensus_tis"] for v in views if v}
     digests = {v["result_digest"] for v in views if v}
     if len(tis) != 1 or len(digests) != 1:
@@ -321,7 +398,7 @@ async def _identical(cluster: Cluster, round_id: str) -> str:
 
 
 async def scenario_slow_node(cluster: Cluster, round_id: str) -> str:
-    delay_ms = int((ROUND_TIMEOUT + 2.0) * 1000)
+    delay_ms = int((cluster.layout.round_timeout + 2.0) * 1000)
     status, body = await cluster.plain(2, "PUT", "/debug/failpoints/observation.before_send", f"sleep({delay_ms})".encode())
     if status != 200:
         raise ScenarioFailed(f"arming the failpoint on node 2 answered {status}: {body!r} (ANNA_FAILPOINTS_HTTP=1?)")
@@ -334,7 +411,7 @@ async def scenario_slow_node(cluster: Cluster, round_id: str) -> str:
             views = [await cluster.round(n, round_id) for n in (1, 3)]
             return all(v is not None and v["status"] == "Complete" for v in views)
 
-        await cluster.wait_for("the round to complete on nodes 1 and 3", complete_without_node2, ROUND_TIMEOUT + 1.5)
+        await cluster.wait_for("the round to complete on nodes 1 and 3", complete_without_node2, cluster.layout.round_timeout + 1.5)
         elapsed = trio.current_time() - started
         for n in (1, 3):
             view = await cluster.round(n, round_id)
@@ -344,13 +421,13 @@ async def scenario_slow_node(cluster: Cluster, round_id: str) -> str:
         await trio.sleep(max(0.0, delay_ms / 1000 - elapsed) + 0.2)
     finally:
         await cluster.plain(2, "DELETE", "/debug/failpoints/observation.before_send")
-    for ep in endpoints():
+    for ep in cluster.layout.endpoints:
         status, data = await cluster.rpc(ep.n, "POST", "/rpc/reconcile", {})
         if status != 200:
             raise ScenarioFailed(f"reconcile on node {ep.n} answered {status}: {data}")
 
     async def all_three_everywhere() -> bool:
-        views = [await cluster.round(ep.n, round_id) for ep in endpoints()]
+        views = [await cluster.round(ep.n, round_id) for ep in cluster.layout.endpoints]
         return all(v is not None and v["status"] == "Complete" and len(v["participating_nodes"]) == 3 for v in views)
 
     await cluster.wait_for("all three observations everywhere after reconcile", all_three_everywhere, 10)
@@ -361,14 +438,22 @@ async def scenario_byzantine(cluster: Cluster, round_id: str) -> str:
     key_file = cluster.directory / "node3" / "keys" / "node_id.sec"
     first = signed_observation(key_file, "node_003", round_id, tis=0.85, audit_id=10**12)
     second = signed_observation(key_file, "node_003", round_id, tis=0.15, audit_id=10**12 + 1)
-    for n, obs in ((1, first), (2, second)):
-        status, data = await cluster.rpc(n, "POST", "/rpc/submit", {"observation": obs})
-        if status != 200:
+    answers: dict[int, tuple[int, Any]] = {}
+
+    async def submit(n: int, obs: dict[str, Any]) -> None:
+        answers[n] = await cluster.rpc(n, "POST", "/rpc/submit", {"observation": obs})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(submit, 1, first)
+        nursery.start_soon(submit, 2, second)
+    for n, (status, data) in sorted(answers.items()):
+        # 409: gossip already brought the other half and the node caught the conflict itself.
+        if status not in (200, 409):
             raise ScenarioFailed(f"node {n} refused the crafted observation: {status} {data}")
     await cluster.rpc(1, "POST", "/rpc/round/start", {"round_id": round_id})
 
     async def flagged_everywhere() -> bool:
-        for ep in endpoints():
+        for ep in cluster.layout.endpoints:
             _, data = await cluster.rpc(ep.n, "GET", "/rpc/status")
             records = [b for b in data["byzantine_nodes"] if b["node_id"] == "node_003"]
             if not records or len(records[0]["evidence"]) != 2:
@@ -381,7 +466,7 @@ async def scenario_byzantine(cluster: Cluster, round_id: str) -> str:
     await cluster.wait_for("node_003 flagged with evidence on every node", flagged_everywhere)
 
     async def complete_with_1_and_2() -> bool:
-        views = [await cluster.round(ep.n, round_id) for ep in endpoints()]
+        views = [await cluster.round(ep.n, round_id) for ep in cluster.layout.endpoints]
         return all(
             v is not None and v["status"] == "Complete" and set(v["participating_nodes"]) == {"node_001", "node_002"}
             for v in views
@@ -398,10 +483,11 @@ SCENARIOS: list[tuple[str, Callable[[Cluster, str], Awaitable[str]]]] = [
 ]
 
 
-async def run_scenarios(directory: Path) -> list[ScenarioResult]:
+async def run_scenarios(layout: Layout) -> list[ScenarioResult]:
     """Run the three scenarios against a running testnet and collect artifacts."""
+    directory = layout.directory
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    cluster = Cluster(directory)
+    cluster = Cluster(layout)
     results = []
     try:
         for number, (name, scenario) in enumerate(SCENARIOS, start=1):
@@ -413,7 +499,7 @@ async def run_scenarios(directory: Path) -> list[ScenarioResult]:
                 result.detail = f"{type(exc).__name__}: {exc}"
             out = directory / f"round_{number}"
             out.mkdir(exist_ok=True)
-            for ep in endpoints():
+            for ep in cluster.layout.endpoints:
                 try:
                     _, status = await cluster.rpc(ep.n, "GET", "/rpc/status")
                     detail = await cluster.round(ep.n, result.round_id)
@@ -423,7 +509,7 @@ async def run_scenarios(directory: Path) -> list[ScenarioResult]:
                 (out / f"node_{ep.n}_round.json").write_text(json.dumps(detail, indent=2, sort_keys=True))
                 result.consensus_tis[ep.node_id] = detail["consensus_tis"] if detail else None
             results.append(result)
-        for ep in endpoints():
+        for ep in cluster.layout.endpoints:
             try:
                 _, metrics = await cluster.plain(ep.n, "GET", "/metrics")
             except OSError as exc:

@@ -29,10 +29,10 @@ def register(commands: Any) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from ..testnet import init
+    from ..testnet import Layout, init
 
     try:
-        init(Path(args.dir), compose=args.compose, force=args.force)
+        init(Layout(Path(args.dir)), compose=args.compose, force=args.force)
     except FileExistsError as exc:
         print(f"annactl: {exc}", file=sys.stderr)
         return 1
@@ -41,23 +41,25 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from ..testnet import down, endpoints, up
+    from ..testnet import Layout, down, up
 
+    layout = Layout.load(Path(args.dir))
     try:
-        up(Path(args.dir))
+        up(layout)
     except (FileNotFoundError, RuntimeError) as exc:
-        down(Path(args.dir))
+        down(layout)
         print(f"annactl: {exc}", file=sys.stderr)
         return 1
-    for ep in endpoints():
-        print(f"{ep.node_id}: rpc https://127.0.0.1:{ep.rpc_port} metrics http://127.0.0.1:{ep.metrics_port}")
+    scheme = "https" if layout.tls else "http"
+    for ep in layout.endpoints:
+        print(f"{ep.node_id}: rpc {scheme}://{ep.host}:{ep.rpc_port} metrics http://{ep.host}:{ep.metrics_port}")
     return 0
 
 
 def _down(args: argparse.Namespace) -> int:
-    from ..testnet import down
+    from ..testnet import Layout, down
 
-    for line in down(Path(args.dir)):
+    for line in down(Layout.load(Path(args.dir))):
         print(line)
     return 0
 
@@ -65,28 +67,28 @@ def _down(args: argparse.Namespace) -> int:
 def _scenarios(args: argparse.Namespace) -> int:
     import trio
 
-    from ..testnet import run_scenarios, summary_table
+    from ..testnet import Layout, run_scenarios, summary_table
 
-    results = trio.run(run_scenarios, Path(args.dir))
+    results = trio.run(run_scenarios, Layout.load(Path(args.dir)))
     print(summary_table(results))
     print(f"artifacts in {args.dir}")
     return 0 if all(r.passed for r in results) else 1
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..testnet import down, init, up
+    from ..testnet import Layout, down, init, up
 
-    directory = Path(args.dir)
-    if (directory / "node1" / "annad.pid").exists():
-        down(directory)
-    init(directory, force=True)
-    print(f"testnet initialised in {directory}; starting 3 nodes (mTLS)")
+    layout = Layout(Path(args.dir))
+    if (layout.node_dir(1) / "annad.pid").exists():
+        down(Layout.load(layout.directory))
+    init(layout, force=True)
+    print(f"testnet initialised in {layout.directory}; starting 3 nodes (mTLS)")
     try:
-        up(directory)
+        up(layout)
         return _scenarios(args)
     except RuntimeError as exc:
         print(f"annactl: {exc}", file=sys.stderr)
         return 1
     finally:
-        for line in down(directory):
+        for line in down(layout):
             print(line)
