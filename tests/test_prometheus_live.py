@@ -64,8 +64,10 @@ class ExpositionServer:
         self.metrics = Metrics(node_id)
         self.publish()
         self.process = subprocess.Popen(
-            [sys.executable, "-u", "-m", "http.server", "--bind", "127.0.0.1"]
-            + ["--directory", str(directory), "0"],
+            [
+                *(sys.executable, "-u", "-m", "http.server", "--bind", "127.0.0.1"),
+                *("--directory", str(directory), "0"),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
