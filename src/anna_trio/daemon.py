@@ -42,7 +42,7 @@ INSECURE_WARNING = "WARN: Running with allow_insecure_peers=true - TLS DISABLED"
 SHUTDOWN_GRACE = 5.0
 
 
-class _ServerConfig(HypercornConfig):  # type: ignore[misc]
+class _ServerConfig(HypercornConfig):
     """Hypercorn config that serves our (reloadable) SSL context instead of building one."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
@@ -81,7 +81,9 @@ def _resolve_addresses(config: ClusterConfig) -> frozenset[str]:
             for info in socket.getaddrinfo(peer.address, None):
                 found.add(str(info[4][0]))
         except OSError:
-            log.warning("cannot resolve validator address %s (rate limit applies to it)", peer.address)
+            log.warning(
+                "cannot resolve validator address %s (rate limit applies to it)", peer.address
+            )
     return frozenset(found)
 
 
@@ -112,7 +114,9 @@ class Daemon:
             finally:
                 audit.close()
 
-    async def _run_with(self, config: ClusterConfig, key: Any, ids: AuditIdAllocator, audit: AuditLog) -> None:
+    async def _run_with(
+        self, config: ClusterConfig, key: Any, ids: AuditIdAllocator, audit: AuditLog
+    ) -> None:
         s = self.settings
         outcome = await trio.to_thread.run_sync(
             partial(
@@ -148,7 +152,9 @@ class Daemon:
         finally:
             store.close()
 
-    async def _serve(self, node: Node, config: ClusterConfig, store: Store, audit: AuditLog) -> None:
+    async def _serve(
+        self, node: Node, config: ClusterConfig, store: Store, audit: AuditLog
+    ) -> None:
         s = self.settings
         rpc_bind = s.rpc_listen or ("0.0.0.0", self._own_port(config))
         server_ssl = self._make_server_tls(config)
@@ -172,7 +178,12 @@ class Daemon:
                         (metrics_app, s.metrics_listen, None),
                     ):
                         await http.start(
-                            partial(serve, app, _server_config(bind, context), shutdown_trigger=stop_http.wait)
+                            partial(
+                                serve,
+                                app,
+                                _server_config(bind, context),
+                                shutdown_trigger=stop_http.wait,
+                            )
                         )
                     await root.start(supervisor.run)
                     root.start_soon(RoundCoordinator(node, s.round_interval, self._heartbeat).run)
@@ -240,7 +251,9 @@ class Daemon:
         tmp.write_text(f"{os.getpid()}\n")
         os.replace(tmp, path)
 
-    async def _reload(self, node: Node, supervisor: PeerSupervisor, rpc: RpcServer, audit: AuditLog) -> None:
+    async def _reload(
+        self, node: Node, supervisor: PeerSupervisor, rpc: RpcServer, audit: AuditLog
+    ) -> None:
         """Validate-then-swap (SPEC §6); the last good config stays on any error."""
         async with self._reload_lock:
             systemd.notify("RELOADING=1")
@@ -259,9 +272,15 @@ class Daemon:
                 log.error("reload failed, keeping the last good config: %s", reason)
                 self.metrics.peer_reloads.labels("failure").inc()
                 self.metrics.config_last_reload_successful.set(0)
-                node.reload_status.result, node.reload_status.at, node.reload_status.error = "failure", now, reason
+                node.reload_status.result, node.reload_status.at, node.reload_status.error = (
+                    "failure",
+                    now,
+                    reason,
+                )
                 await trio.to_thread.run_sync(
-                    lambda: audit.append("peer_reload", {"result": "failure", "error": reason}, durable=True)
+                    lambda: audit.append(
+                        "peer_reload", {"result": "failure", "error": reason}, durable=True
+                    )
                 )
                 systemd.notify("READY=1")
                 return
@@ -275,7 +294,11 @@ class Daemon:
             await supervisor.apply(new, changed=restart)
             self.metrics.peer_reloads.labels("success").inc()
             self.metrics.config_last_reload_successful.set(1)
-            node.reload_status.result, node.reload_status.at, node.reload_status.error = "success", now, None
+            node.reload_status.result, node.reload_status.at, node.reload_status.error = (
+                "success",
+                now,
+                None,
+            )
             node.mark_state_dirty()
             if new.allow_insecure_peers:
                 log.warning(INSECURE_WARNING)
@@ -302,4 +325,3 @@ def run_daemon(settings: Settings) -> None:
     """Run until SIGTERM; exceptions carry their exit codes up to the CLI."""
     failpoints.load_from_env(os.environ.get("ANNA_FAILPOINTS"))
     trio.run(Daemon(settings).run)
-

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Protocol
 
 import attrs
@@ -206,7 +207,9 @@ class Node:
             if stored is not None:
                 return Reply(stored[0], stored[1])
         if not isinstance(payload, dict) or set(payload) != {"observation"}:
-            reply = error_reply(422, "invalid_request", 'body must be {"observation": {...}}', "invalid")
+            reply = error_reply(
+                422, "invalid_request", 'body must be {"observation": {...}}', "invalid"
+            )
             self.metrics.observations_received.labels("invalid").inc()
             return reply
         try:
@@ -219,18 +222,20 @@ class Node:
         reply = self._submit_reply(events)
         extra = []
         if idempotency_key is not None and reply.status < 500:
-            extra.append(Store.idempotency_stmt("submit:" + idempotency_key, reply.status, reply.body))
+            extra.append(
+                Store.idempotency_stmt("submit:" + idempotency_key, reply.status, reply.body)
+            )
         await self._commit_events(events, extra)
         return reply
 
     def _submit_reply(self, events: Iterable[ev.Event]) -> Reply:
         for event in events:
             if isinstance(event, ev.Duplicate):
-                return Reply(200, {"success": True, "message": "Observation accepted", "duplicate": True})
-            if isinstance(event, ev.ConflictDetected):
-                return error_reply(
-                    409, "conflict", "Observation rejected (Byzantine detected)"
+                return Reply(
+                    200, {"success": True, "message": "Observation accepted", "duplicate": True}
                 )
+            if isinstance(event, ev.ConflictDetected):
+                return error_reply(409, "conflict", "Observation rejected (Byzantine detected)")
             if isinstance(event, ev.NotAValidator):
                 return error_reply(403, "unknown_node", "node is not a validator of this round")
         return Reply(200, {"success": True, "message": "Observation accepted", "duplicate": False})
@@ -261,7 +266,9 @@ class Node:
         observations = payload.get("observations", [])
         evidence = payload.get("evidence", [])
         if not all(isinstance(x, list) for x in (rounds, observations, evidence)):
-            return error_reply(422, "invalid_request", "rounds, observations, evidence must be lists")
+            return error_reply(
+                422, "invalid_request", "rounds, observations, evidence must be lists"
+            )
         if len(rounds) + len(observations) + len(evidence) > 4 * MAX_BATCH_ITEMS:
             return error_reply(413, "too_many_items", "batch too large")
         now = trio.current_time()
@@ -412,7 +419,7 @@ class Node:
         for name, fields in audits:
             async with self._audit_lock:
                 await trio.to_thread.run_sync(
-                    lambda n=name, f=fields: self._audit.append(n, f, durable=True)
+                    partial(self._audit.append, name, fields, durable=True)
                 )
         self._deadline_changed.set()
 
@@ -438,7 +445,8 @@ class Node:
                 statements.append(Store.evidence_stmt(evidence))
                 metrics.observations_received.labels("conflict").inc()
                 self.outbox.broadcast(
-                    "evidence", {"first": evidence.first.to_dict(), "second": evidence.second.to_dict()}
+                    "evidence",
+                    {"first": evidence.first.to_dict(), "second": evidence.second.to_dict()},
                 )
             case ev.ByzantineDetected(record=record):
                 log.warning(
@@ -459,7 +467,9 @@ class Node:
                     )
                 )
                 self.mark_state_dirty()
-            case ev.RoundCompleted(round_id=round_id, result=result, first_time=first, duration=dur):
+            case ev.RoundCompleted(
+                round_id=round_id, result=result, first_time=first, duration=dur
+            ):
                 if first:
                     metrics.consensus_rounds.inc()
                     metrics.round_duration.observe(dur)
@@ -479,7 +489,9 @@ class Node:
                     self._note_completed(round_id, result.consensus_tis)
             case ev.RoundFailed(round_id=round_id):
                 metrics.rounds_failed.inc()
-                log.warning("round %s failed: quorum not reached before the round timeout", round_id)
+                log.warning(
+                    "round %s failed: quorum not reached before the round timeout", round_id
+                )
             case _:
                 pass
 
@@ -508,7 +520,9 @@ class Node:
     async def persist_state(self) -> None:
         """Write state.json now (clean shutdown)."""
         if self._state_file is not None:
-            await trio.to_thread.run_sync(self._state_file.update, self._state_snapshot().update_into)
+            await trio.to_thread.run_sync(
+                self._state_file.update, self._state_snapshot().update_into
+            )
 
     def _state_snapshot(self) -> _StateSnapshot:
         completed = [v for v in self.engine.rounds() if v.status == "Complete"]
@@ -555,7 +569,9 @@ class Node:
                     "node_id": r.node_id,
                     "reason": r.reason,
                     "round_id": r.round_id,
-                    "detected_at": format_utc(datetime.fromtimestamp(self._wall(r.detected_at), UTC)),
+                    "detected_at": format_utc(
+                        datetime.fromtimestamp(self._wall(r.detected_at), UTC)
+                    ),
                     "evidence": [r.evidence.first.to_dict(), r.evidence.second.to_dict()]
                     if r.evidence
                     else [],

@@ -64,7 +64,10 @@ def _read_measurement_file(path: Path) -> Measurement | None:
     try:
         data: Any = json.loads(path.read_text())
         components = data["tis_components"]
-        values = [float(components[k]) for k in ("prediction_accuracy", "ethical_alignment", "coherence_stability")]
+        values = [
+            float(components[k])
+            for k in ("prediction_accuracy", "ethical_alignment", "coherence_stability")
+        ]
         overall = float(data["tis_overall"])
         flags = tuple(sorted(set(data.get("bias_flags", []))))
         forecast, outcome = str(data["forecast_hash"]), str(data["outcome_hash"])

@@ -54,7 +54,9 @@ ClientFactory = Callable[[PeerConfig], HttpClient]
 class PeerLink:
     """Everything this node says to one peer, and the anti-entropy pulls from it."""
 
-    def __init__(self, peer: PeerConfig, node: Node, make_client: ClientFactory, metrics: Metrics) -> None:
+    def __init__(
+        self, peer: PeerConfig, node: Node, make_client: ClientFactory, metrics: Metrics
+    ) -> None:
         self.peer = peer
         self._node = node
         self._make_client = make_client
@@ -189,7 +191,12 @@ class _RunningLink:
 class PeerSupervisor:
     """Owns one PeerLink per peer; implements the node's Outbox."""
 
-    def __init__(self, node: Node, metrics: Metrics, client_tls: Callable[[ClusterConfig], ssl.SSLContext | None]) -> None:
+    def __init__(
+        self,
+        node: Node,
+        metrics: Metrics,
+        client_tls: Callable[[ClusterConfig], ssl.SSLContext | None],
+    ) -> None:
         self._node = node
         self._metrics = metrics
         self._client_tls = client_tls
@@ -282,4 +289,3 @@ class PeerSupervisor:
             for running in list(self._links.values()):
                 nursery.start_soon(one, running.link)
         return reached
-

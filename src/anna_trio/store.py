@@ -178,10 +178,14 @@ class Store:
                 "SELECT body FROM observations WHERE round_id >= ? ORDER BY round_id", (oldest,)
             )
         ]
-        evidence = [self._parse_evidence(body) for (body,) in self._db.execute("SELECT body FROM evidence")]
+        evidence = [
+            self._parse_evidence(body) for (body,) in self._db.execute("SELECT body FROM evidence")
+        ]
         own = {
             str(rid): parse_observation(json.loads(body))
-            for rid, body in self._db.execute("SELECT round_id, body FROM own WHERE round_id >= ?", (oldest,))
+            for rid, body in self._db.execute(
+                "SELECT round_id, body FROM own WHERE round_id >= ?", (oldest,)
+            )
         }
         max_own = self._db.execute(
             "SELECT MAX(json_extract(body, '$.audit_id')) FROM own"
@@ -232,4 +236,3 @@ class _Transaction:
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-

@@ -24,9 +24,9 @@ import attrs
 import trio
 
 from . import crypto, tls
-from .sim import signed_observation
 from .models import ClusterConfig
 from .rpc.client import HttpClient
+from .sim import signed_observation
 
 RPC_BASE = 8000
 METRICS_BASE = 9000
@@ -71,7 +71,9 @@ class Layout:
     def endpoints(self) -> list[NodeEndpoint]:
         return [
             NodeEndpoint(i + 1, rpc, metrics, host)
-            for i, (rpc, metrics, host) in enumerate(zip(self.rpc_ports, self.metrics_ports, self.hosts, strict=True))
+            for i, (rpc, metrics, host) in enumerate(
+                zip(self.rpc_ports, self.metrics_ports, self.hosts, strict=True)
+            )
         ]
 
     def node_dir(self, n: int) -> Path:
@@ -95,7 +97,9 @@ class Layout:
         return cls(**data)
 
 
-def free_layout(directory: Path, nodes: int, *, tls: bool = True, round_timeout: float = ROUND_TIMEOUT) -> Layout:
+def free_layout(
+    directory: Path, nodes: int, *, tls: bool = True, round_timeout: float = ROUND_TIMEOUT
+) -> Layout:
     """A layout on free loopback ports (tests and benchmarks)."""
     import socket
 
@@ -144,7 +148,9 @@ def init(layout: Layout, *, compose: bool = False, force: bool = False) -> None:
                 out_dir=node_dir / "tls",
             )
     for ep in layout.endpoints:
-        (layout.node_dir(ep.n) / "peers.yml").write_text(peers_yaml(layout, ep.n, pubkeys, compose=compose))
+        (layout.node_dir(ep.n) / "peers.yml").write_text(
+            peers_yaml(layout, ep.n, pubkeys, compose=compose)
+        )
 
 
 def peers_yaml(layout: Layout, me: int, pubkeys: dict[int, str], *, compose: bool) -> str:
@@ -173,7 +179,7 @@ def peers_yaml(layout: Layout, me: int, pubkeys: dict[int, str], *, compose: boo
     for ep in layout.endpoints:
         lines += [
             f"  - node_id: {ep.node_id}",
-            f"    address: {'anna-node-%d' % ep.n if compose else ep.host}",
+            f"    address: {f'anna-node-{ep.n}' if compose else ep.host}",
             f"    port: {ep.rpc_port}",
             f"    pubkey: {pubkeys[ep.n]}",
         ]
@@ -208,7 +214,9 @@ def annad_command(layout: Layout, ep: NodeEndpoint) -> list[str]:
     ]
 
 
-def start_node(layout: Layout, ep: NodeEndpoint, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_node(
+    layout: Layout, ep: NodeEndpoint, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start one annad in its own session, logging to nodeN/annad.log."""
     full_env = dict(os.environ, ANNA_FAILPOINTS_HTTP="1", **(env or {}))
     with (layout.node_dir(ep.n) / "annad.log").open("ab") as log:
@@ -236,7 +244,7 @@ async def wait_ready(layout: Layout, nodes: list[int] | None = None) -> None:
     chosen = [ep for ep in layout.endpoints if nodes is None or ep.n in nodes]
     with trio.move_on_after(READY_TIMEOUT):
         for ep in chosen:
-            while not await _ready(ep):
+            while not await _ready(ep):  # noqa: ASYNC110 - remote state: polling is the only way
                 await trio.sleep(0.05)
         return
     logs = "; ".join(f"node{ep.n}: " + _tail(layout.node_dir(ep.n) / "annad.log") for ep in chosen)
@@ -334,7 +342,9 @@ class Cluster:
             response = await self._rpc[n].request(method, path, json_body=body)
         return response.status, response.json()
 
-    async def plain(self, n: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    async def plain(
+        self, n: int, method: str, path: str, body: bytes | None = None
+    ) -> tuple[int, bytes]:
         ep = self._endpoints[n]
         client = HttpClient(ep.host, ep.metrics_port)
         try:
@@ -348,12 +358,14 @@ class Cluster:
         status, data = await self.rpc(n, "GET", f"/rpc/status?round_id={round_id}")
         return data if status == 200 else None
 
-    async def wait_for(self, what: str, check: Callable[[], Awaitable[bool]], timeout: float = SCENARIO_TIMEOUT) -> None:
-        with trio.move_on_after(timeout):
-            while not await check():
+    async def wait_for(
+        self, what: str, check: Callable[[], Awaitable[bool]], within: float = SCENARIO_TIMEOUT
+    ) -> None:
+        with trio.move_on_after(within):
+            while not await check():  # noqa: ASYNC110 - remote state: polling is the only way
                 await trio.sleep(0.05)
             return
-        raise ScenarioFailed(f"timed out after {timeout:.0f} s waiting for {what}")
+        raise ScenarioFailed(f"timed out after {within:.0f} s waiting for {what}")
 
     async def byzantine_ids(self, n: int) -> set[str]:
         _, data = await self.rpc(n, "GET", "/rpc/status")
@@ -380,11 +392,15 @@ async def scenario_healthy(cluster: Cluster, round_id: str) -> str:
     async def complete_everywhere() -> bool:
         views = [await cluster.round(ep.n, round_id) for ep in cluster.layout.endpoints]
         return all(
-            v is not None and v["status"] == "Complete" and set(v["participating_nodes"]) == expected
+            v is not None
+            and v["status"] == "Complete"
+            and set(v["participating_nodes"]) == expected
             for v in views
         )
 
-    await cluster.wait_for(f"{round_id} Complete with {sorted(expected)} on every node", complete_everywhere)
+    await cluster.wait_for(
+        f"{round_id} Complete with {sorted(expected)} on every node", complete_everywhere
+    )
     return await _identical(cluster, round_id)
 
 
@@ -399,9 +415,13 @@ async def _identical(cluster: Cluster, round_id: str) -> str:
 
 async def scenario_slow_node(cluster: Cluster, round_id: str) -> str:
     delay_ms = int((cluster.layout.round_timeout + 2.0) * 1000)
-    status, body = await cluster.plain(2, "PUT", "/debug/failpoints/observation.before_send", f"sleep({delay_ms})".encode())
+    status, body = await cluster.plain(
+        2, "PUT", "/debug/failpoints/observation.before_send", f"sleep({delay_ms})".encode()
+    )
     if status != 200:
-        raise ScenarioFailed(f"arming the failpoint on node 2 answered {status}: {body!r} (ANNA_FAILPOINTS_HTTP=1?)")
+        raise ScenarioFailed(
+            f"arming the failpoint on node 2 answered {status}: {body!r} (ANNA_FAILPOINTS_HTTP=1?)"
+        )
     try:
         started = trio.current_time()
         await cluster.rpc(1, "POST", "/rpc/round/start", {"round_id": round_id})
@@ -411,13 +431,19 @@ async def scenario_slow_node(cluster: Cluster, round_id: str) -> str:
             views = [await cluster.round(n, round_id) for n in (1, 3)]
             return all(v is not None and v["status"] == "Complete" for v in views)
 
-        await cluster.wait_for("the round to complete on nodes 1 and 3", complete_without_node2, cluster.layout.round_timeout + 1.5)
+        await cluster.wait_for(
+            "the round to complete on nodes 1 and 3",
+            complete_without_node2,
+            cluster.layout.round_timeout + 1.5,
+        )
         elapsed = trio.current_time() - started
         for n in (1, 3):
             view = await cluster.round(n, round_id)
             assert view is not None
             if set(view["participating_nodes"]) != fast:
-                raise ScenarioFailed(f"node {n} completed with {view['participating_nodes']}, expected nodes 1 and 3 only")
+                raise ScenarioFailed(
+                    f"node {n} completed with {view['participating_nodes']}, expected nodes 1 and 3 only"
+                )
         await trio.sleep(max(0.0, delay_ms / 1000 - elapsed) + 0.2)
     finally:
         await cluster.plain(2, "DELETE", "/debug/failpoints/observation.before_send")
@@ -428,10 +454,17 @@ async def scenario_slow_node(cluster: Cluster, round_id: str) -> str:
 
     async def all_three_everywhere() -> bool:
         views = [await cluster.round(ep.n, round_id) for ep in cluster.layout.endpoints]
-        return all(v is not None and v["status"] == "Complete" and len(v["participating_nodes"]) == 3 for v in views)
+        return all(
+            v is not None and v["status"] == "Complete" and len(v["participating_nodes"]) == 3
+            for v in views
+        )
 
-    await cluster.wait_for("all three observations everywhere after reconcile", all_three_everywhere, 10)
-    return f"completed on time ({elapsed:.2f} s) with nodes 1 and 3; " + await _identical(cluster, round_id)
+    await cluster.wait_for(
+        "all three observations everywhere after reconcile", all_three_everywhere, 10
+    )
+    return f"completed on time ({elapsed:.2f} s) with nodes 1 and 3; " + await _identical(
+        cluster, round_id
+    )
 
 
 async def scenario_byzantine(cluster: Cluster, round_id: str) -> str:
@@ -468,12 +501,18 @@ async def scenario_byzantine(cluster: Cluster, round_id: str) -> str:
     async def complete_with_1_and_2() -> bool:
         views = [await cluster.round(ep.n, round_id) for ep in cluster.layout.endpoints]
         return all(
-            v is not None and v["status"] == "Complete" and set(v["participating_nodes"]) == {"node_001", "node_002"}
+            v is not None
+            and v["status"] == "Complete"
+            and set(v["participating_nodes"]) == {"node_001", "node_002"}
             for v in views
         )
 
-    await cluster.wait_for("the round to complete with nodes 1 and 2 everywhere", complete_with_1_and_2)
-    return "node_003 Byzantine (ConflictingObservations) on all nodes; " + await _identical(cluster, round_id)
+    await cluster.wait_for(
+        "the round to complete with nodes 1 and 2 everywhere", complete_with_1_and_2
+    )
+    return "node_003 Byzantine (ConflictingObservations) on all nodes; " + await _identical(
+        cluster, round_id
+    )
 
 
 SCENARIOS: list[tuple[str, Callable[[Cluster, str], Awaitable[str]]]] = [
@@ -506,7 +545,9 @@ async def run_scenarios(layout: Layout) -> list[ScenarioResult]:
                 except (OSError, trio.TooSlowError) as exc:
                     status, detail = {"error": str(exc)}, None
                 (out / f"node_{ep.n}.json").write_text(json.dumps(status, indent=2, sort_keys=True))
-                (out / f"node_{ep.n}_round.json").write_text(json.dumps(detail, indent=2, sort_keys=True))
+                (out / f"node_{ep.n}_round.json").write_text(
+                    json.dumps(detail, indent=2, sort_keys=True)
+                )
                 result.consensus_tis[ep.node_id] = detail["consensus_tis"] if detail else None
             results.append(result)
         for ep in cluster.layout.endpoints:

@@ -13,8 +13,15 @@ REQUEST_BUDGET = 15.0
 
 
 def add_node_arguments(parser: Any) -> None:
-    parser.add_argument("--node", help="node URL (default https://127.0.0.1:8001, http when peers.yml allows insecure peers)")
-    parser.add_argument("--peers", default=os.environ.get("ANNA_PEERS", DEFAULT_PEERS), help="peers.yml for TLS client settings")
+    parser.add_argument(
+        "--node",
+        help="node URL (default https://127.0.0.1:8001, http when peers.yml allows insecure peers)",
+    )
+    parser.add_argument(
+        "--peers",
+        default=os.environ.get("ANNA_PEERS", DEFAULT_PEERS),
+        help="peers.yml for TLS client settings",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -31,14 +38,18 @@ def _client_tls(peers_file: Path) -> tuple[ssl.SSLContext | None, bool]:
     return None, config.allow_insecure_peers
 
 
-def call(args: Any, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+def call(
+    args: Any, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     """One request to the node named by --node; returns (status, decoded JSON)."""
     import trio
 
     from ..rpc.client import HttpClient
 
     context, insecure = _client_tls(Path(args.peers))
-    url = args.node or ("http://127.0.0.1:8001" if insecure and context is None else "https://127.0.0.1:8001")
+    url = args.node or (
+        "http://127.0.0.1:8001" if insecure and context is None else "https://127.0.0.1:8001"
+    )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"--node: expected http(s)://HOST:PORT, got {url!r}")

@@ -17,7 +17,9 @@ RELOAD_WAIT = 10.0
 
 
 def register(commands: Any) -> None:
-    status = commands.add_parser("status", help="this node's rounds, Byzantine list, peers, last reload")
+    status = commands.add_parser(
+        "status", help="this node's rounds, Byzantine list, peers, last reload"
+    )
     add_node_arguments(status)
     status.set_defaults(handler=_status)
 
@@ -37,18 +39,28 @@ def register(commands: Any) -> None:
     add_node_arguments(reconcile)
     reconcile.set_defaults(handler=_reconcile)
 
-    reload = commands.add_parser("reload", help="SIGHUP the daemon and wait for the reload's result")
-    reload.add_argument("--pid-file", default=os.environ.get("ANNA_PID_FILE", "/run/anna/annad.pid"))
-    reload.add_argument("--audit-log", default=os.environ.get("ANNA_AUDIT_LOG", "/var/log/anna/audit.jsonl"))
+    reload = commands.add_parser(
+        "reload", help="SIGHUP the daemon and wait for the reload's result"
+    )
+    reload.add_argument(
+        "--pid-file", default=os.environ.get("ANNA_PID_FILE", "/run/anna/annad.pid")
+    )
+    reload.add_argument(
+        "--audit-log", default=os.environ.get("ANNA_AUDIT_LOG", "/var/log/anna/audit.jsonl")
+    )
     reload.set_defaults(handler=_reload)
 
     sim = commands.add_parser("sim", help="crafted observations for drills and testnet scenarios")
     sims = sim.add_subparsers(dest="sim_command", metavar="ACTION", required=True)
-    submit = sims.add_parser("submit", help="sign an observation with KEY and POST it to /rpc/submit")
+    submit = sims.add_parser(
+        "submit", help="sign an observation with KEY and POST it to /rpc/submit"
+    )
     submit.add_argument("--key", required=True, help="node_id.sec of the signing node")
     submit.add_argument("--node-id", required=True, help="node id the key belongs to")
     submit.add_argument("--round-id", required=True)
-    submit.add_argument("--audit-id", type=int, default=None, help="default: current unix time in µs")
+    submit.add_argument(
+        "--audit-id", type=int, default=None, help="default: current unix time in µs"
+    )
     submit.add_argument("--window-hours", type=int, default=24)
     submit.add_argument("--tis", type=float, default=0.85)
     submit.add_argument("--bias-flag", action="append", default=[])
@@ -61,7 +73,9 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def _request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> tuple[int, Any] | int:
+def _request(
+    args: argparse.Namespace, method: str, path: str, body: Any = None
+) -> tuple[int, Any] | int:
     try:
         return call(args, method, path, body)
     except ValueError as exc:
@@ -93,12 +107,18 @@ def _status(args: argparse.Namespace) -> int:
     for r in data["rounds"][-20:]:
         tis = "-" if r["consensus_tis"] is None else f"{r['consensus_tis']:.6f}"
         print(f"{r['round_id']:<40} {r['status']:<9} {r['total_observations']:>3} {tis:>9}")
-    byz = ", ".join(f"{b['node_id']} ({b['reason']}, {b['round_id']})" for b in data["byzantine_nodes"])
+    byz = ", ".join(
+        f"{b['node_id']} ({b['reason']}, {b['round_id']})" for b in data["byzantine_nodes"]
+    )
     print(f"byzantine: {byz or 'none'}")
     for p in data["peers"]:
-        print(f"peer {p['node_id']:<20} {'up' if p['up'] else 'DOWN':<5} last seen {p['last_seen'] or 'never'}")
+        print(
+            f"peer {p['node_id']:<20} {'up' if p['up'] else 'DOWN':<5} last seen {p['last_seen'] or 'never'}"
+        )
     reload = data["last_reload"]
-    print(f"last reload: {reload['result']} at {reload['at'] or '-'} {reload['error'] or ''}".rstrip())
+    print(
+        f"last reload: {reload['result']} at {reload['at'] or '-'} {reload['error'] or ''}".rstrip()
+    )
     return 0
 
 
@@ -156,7 +176,9 @@ def _reload(args: argparse.Namespace) -> int:
         entry = _reload_entry_after(audit_log, offset)
         if entry is not None:
             if entry.get("result") == "success":
-                print(f"reload succeeded: added {entry.get('added')}, removed {entry.get('removed')}, changed {entry.get('changed')}")
+                print(
+                    f"reload succeeded: added {entry.get('added')}, removed {entry.get('removed')}, changed {entry.get('changed')}"
+                )
                 return 0
             return _fail(f"reload failed: {entry.get('error')}")
         time.sleep(0.1)

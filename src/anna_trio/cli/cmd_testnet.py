@@ -21,9 +21,13 @@ def register(commands: Any) -> None:
         ("scenarios", _scenarios, "run the three scenarios against a running testnet"),
     ):
         parser = actions.add_parser(name, help=text)
-        parser.add_argument("--dir", default=default_dir, help="testnet folder (default %(default)s)")
+        parser.add_argument(
+            "--dir", default=default_dir, help="testnet folder (default %(default)s)"
+        )
         if name == "init":
-            parser.add_argument("--compose", action="store_true", help="peer addresses anna-node-N (containers)")
+            parser.add_argument(
+                "--compose", action="store_true", help="peer addresses anna-node-N (containers)"
+            )
             parser.add_argument("--force", action="store_true", help="recreate a non-empty folder")
         parser.set_defaults(handler=handler)
 
@@ -52,7 +56,9 @@ def _up(args: argparse.Namespace) -> int:
         return 1
     scheme = "https" if layout.tls else "http"
     for ep in layout.endpoints:
-        print(f"{ep.node_id}: rpc {scheme}://{ep.host}:{ep.rpc_port} metrics http://{ep.host}:{ep.metrics_port}")
+        print(
+            f"{ep.node_id}: rpc {scheme}://{ep.host}:{ep.rpc_port} metrics http://{ep.host}:{ep.metrics_port}"
+        )
     return 0
 
 

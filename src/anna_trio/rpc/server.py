@@ -276,7 +276,7 @@ def build_metrics_app(
             if request.method == "DELETE":
                 failpoints.arm(name, "off")
             else:
-                failpoints.arm(name, (await request.get_data()).decode(errors="replace"))
+                failpoints.arm(name, str(await request.get_data(as_text=True)))
         except ConfigError as exc:
             return _json(error_reply(400, "bad_failpoint", str(exc)))
         return _json(Reply(200, {"success": True, "armed": failpoints.armed()}))
