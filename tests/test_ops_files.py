@@ -7,10 +7,12 @@ them (.ci/run), so a missing tool is a failure here, never a skip.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
+import sys
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -271,6 +273,68 @@ def test_compose_healthcheck_asks_ready(compose: Any, n: int) -> None:
     assert test[:3] == ["CMD", "python", "-c"]
     assert "http://127.0.0.1:9090/ready" in test[3]
     compile(test[3], "healthcheck", "exec")
+
+
+def run_init_service(compose: Any, testnet: Path) -> subprocess.CompletedProcess[str]:
+    """The init service's script on this machine, with ./artifacts/testnet at `testnet`."""
+    script = compose["services"]["init"]["command"][0]
+    script = script.replace("/testnet", str(testnet)).replace("chown -R anna:anna", "true")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        ["sh", "-c", script], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+
+
+def host_path(container_path: PurePosixPath, volumes: list[str], artifacts: Path) -> Path:
+    """Where a path inside a node container lives on the host, through its bind mounts."""
+    container_path = PurePosixPath(os.path.normpath(container_path))
+    best: tuple[PurePosixPath, str] | None = None
+    for volume in volumes:
+        source, target = volume.split(":")[:2]
+        mount = PurePosixPath(target)
+        if container_path.is_relative_to(mount) and (best is None or mount.is_relative_to(best[0])):
+            best = (mount, source)
+    assert best is not None, f"{container_path} is not mounted"
+    mount, source = best
+    source_path = artifacts / Path(source).relative_to("artifacts/testnet")
+    return source_path / container_path.relative_to(mount)
+
+
+def test_compose_init_output_resolves_inside_every_node(compose: Any, tmp_path: Path) -> None:
+    """After init, every file a node's peers.yml and state dir name exists through its mounts."""
+    artifacts = tmp_path / "artifacts" / "testnet"
+    artifacts.mkdir(parents=True)
+    result = run_init_service(compose, artifacts)
+    assert result.returncode == 0, result.stderr
+    for n in TESTNET_NODES:
+        node = compose["services"][f"anna-node-{n}"]
+        peers_path = PurePosixPath(node["environment"]["ANNA_PEERS"])
+        peers = load_yaml(host_path(peers_path, node["volumes"], artifacts))
+        assert [(p["node_id"], p["address"], p["port"]) for p in peers["peers"]] == [
+            (f"node_00{m}", f"anna-node-{m}", 8000 + m) for m in TESTNET_NODES
+        ]
+        assert peers["tls"].pop("enabled") is True
+        for name, value in peers["tls"].items():
+            file = host_path(peers_path.parent / value, node["volumes"], artifacts)
+            assert file.is_file(), f"node {n} tls.{name}: {value}"
+        key = PurePosixPath(node["environment"]["ANNA_STATE_DIR"]) / "keys" / "node_id.sec"
+        assert host_path(key, node["volumes"], artifacts).is_file()
+
+
+def test_compose_init_is_idempotent_and_refuses_a_local_testnet(
+    compose: Any, tmp_path: Path
+) -> None:
+    """A second `up` keeps the compose testnet; a local (127.0.0.1) one is refused."""
+    compose_dir, local_dir = tmp_path / "compose", tmp_path / "local"
+    assert run_init_service(compose, compose_dir).returncode == 0
+    before = (compose_dir / "node1" / "keys" / "node_id.pub").read_text()
+    assert run_init_service(compose, compose_dir).returncode == 0
+    assert (compose_dir / "node1" / "keys" / "node_id.pub").read_text() == before
+    annactl = Path(sys.executable).parent / "annactl"
+    subprocess.run([annactl, "testnet", "init", "--dir", str(local_dir)], check=True, timeout=60)
+    refused = run_init_service(compose, local_dir)
+    assert refused.returncode != 0
+    assert "local testnet" in refused.stderr
 
 
 def test_dockerfile_runs_annad_as_anna() -> None:
