@@ -407,3 +407,20 @@ def test_deviation_record_can_move_later() -> None:
     assert engine.byzantine[C].round_id == "r3"
     assert C in engine.round("r2").result.participating_nodes  # type: ignore[union-attr]
     assert C in engine.round("r1").result.participating_nodes  # type: ignore[union-attr]
+
+
+def test_evidence_for_a_pruned_round_still_marks() -> None:
+    """Evidence is self-certifying: a round too old to keep still yields the record."""
+    engine = make_engine(nodes=1, quorum=1, retain_rounds=2)
+    feed(engine, "r5", {A: 0.5})
+    feed(engine, "r6", {A: 0.5})
+    events = engine.add_evidence(Evidence(*conflicting(A, "r1")), 1.0)
+    assert kinds(events) == [
+        "RoundTooOld",
+        "ConflictDetected",
+        "ByzantineDetected",
+        "RoundFailed",
+        "RoundFailed",
+    ]
+    assert engine.byzantine[A].round_id == "r1"
+    assert [(e.round_id, e.node_id) for e in engine.evidence()] == [("r1", A)]
