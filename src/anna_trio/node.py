@@ -448,24 +448,31 @@ class Node:
                     "evidence",
                     {"first": evidence.first.to_dict(), "second": evidence.second.to_dict()},
                 )
-            case ev.ByzantineDetected(record=record):
+            case ev.ByzantineDetected(record=record, first_time=first):
+                metrics.byzantine_nodes.set(len(self.engine.byzantine))
+                self.mark_state_dirty()
+                if first:
+                    log.warning(
+                        "byzantine node detected: %s (%s) in round %s",
+                        record.node_id,
+                        record.reason,
+                        record.round_id,
+                    )
+                    audits.append(
+                        (
+                            "byzantine_detected",
+                            {
+                                "byzantine_node": record.node_id,
+                                "reason": record.reason,
+                                "round_id": record.round_id,
+                            },
+                        )
+                    )
+            case ev.ByzantineCleared(node_id=node_id):
                 log.warning(
-                    "byzantine node detected: %s (%s) in round %s",
-                    record.node_id,
-                    record.reason,
-                    record.round_id,
+                    "byzantine mark on %s cleared: late rounds broke its deviation window", node_id
                 )
                 metrics.byzantine_nodes.set(len(self.engine.byzantine))
-                audits.append(
-                    (
-                        "byzantine_detected",
-                        {
-                            "byzantine_node": record.node_id,
-                            "reason": record.reason,
-                            "round_id": record.round_id,
-                        },
-                    )
-                )
                 self.mark_state_dirty()
             case ev.RoundCompleted(
                 round_id=round_id, result=result, first_time=first, duration=dur
