@@ -1,0 +1,230 @@
+"""The hash-chained audit log (SPEC §4) and the audit_id allocator (SPEC §3)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anna_trio._exceptions import StateError
+from anna_trio.audit import (
+    GENESIS_HASH,
+    AuditIdAllocator,
+    AuditLog,
+    canonical_json,
+    verify_audit_log,
+)
+
+
+def write_entries(path: Path, count: int, floor: int = 0) -> list[dict[str, object]]:
+    log = AuditLog.open(path, "node_001", AuditIdAllocator(floor))
+    try:
+        return [log.append("daemon_start", {"n": n}) for n in range(count)]
+    finally:
+        log.close()
+
+
+def test_allocator_is_strictly_increasing_and_never_goes_back() -> None:
+    """next() is floor+1 onwards; raise_floor only ever moves the floor up."""
+    ids = AuditIdAllocator(41)
+    assert ids.next() == 42
+    ids.raise_floor(10)
+    assert ids.next() == 43
+    ids.raise_floor(100)
+    assert ids.last == 100
+    assert ids.next() == 101
+
+
+def test_entry_hash_is_sha256_of_prev_hash_and_canonical_json(tmp_path: Path) -> None:
+    """hash = sha256(prev_hash + canonical JSON without "hash"); first prev_hash is 64 zeros."""
+    first, second = write_entries(tmp_path / "audit.jsonl", 2)
+    assert first["prev_hash"] == GENESIS_HASH
+    body = {k: v for k, v in first.items() if k != "hash"}
+    expected = hashlib.sha256(
+        (GENESIS_HASH + json.dumps(body, sort_keys=True, separators=(",", ":"))).encode()
+    ).hexdigest()
+    assert first["hash"] == expected
+    assert second["prev_hash"] == first["hash"]
+    assert canonical_json({"b": 1, "a": [1, 2]}) == '{"a":[1,2],"b":1}'
+
+
+def test_entry_fields_and_one_line_per_entry(tmp_path: Path) -> None:
+    """Each line is a JSON object with audit_id, timestamp (RFC 3339 Z), node_id, event, fields."""
+    path = tmp_path / "logs" / "audit.jsonl"
+    write_entries(path, 3, floor=7)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3
+    entry = json.loads(lines[0])
+    assert entry["audit_id"] == 8
+    assert entry["node_id"] == "node_001"
+    assert entry["event"] == "daemon_start"
+    assert entry["n"] == 0
+    assert entry["timestamp"].endswith("Z") and entry["timestamp"][10] == "T"
+
+
+def test_reopen_continues_ids_and_chain(tmp_path: Path) -> None:
+    """A reopened log raises the allocator to its last id and continues the chain."""
+    path = tmp_path / "audit.jsonl"
+    write_entries(path, 3, floor=5)
+    ids = AuditIdAllocator()
+    log = AuditLog.open(path, "node_001", ids)
+    assert log.last_audit_id == 8 and ids.last == 8
+    assert log.append("daemon_stop", {})["audit_id"] == 9
+    log.close()
+    assert verify_audit_log(path).ok
+
+
+def test_open_reads_only_the_tail(tmp_path: Path) -> None:
+    """Open learns the last id from the last line without parsing earlier (here garbage) lines."""
+    valid = tmp_path / "valid.jsonl"
+    write_entries(valid, 1, floor=99)
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"not json\n" * 20000 + valid.read_bytes())
+    log = AuditLog.open(path, "node_001", AuditIdAllocator())
+    assert log.last_audit_id == 100
+    log.close()
+
+
+def test_torn_last_line_is_removed_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kill -9 mid-write leaves a partial line: open cuts it and the chain stays valid."""
+    path = tmp_path / "audit.jsonl"
+    write_entries(path, 2)
+    good = path.read_bytes()
+    with path.open("ab") as file:
+        file.write(b'{"audit_id":3,"timest')
+    assert verify_audit_log(path).first_bad_line == 3
+    with caplog.at_level(logging.WARNING, logger="anna_trio.audit"):
+        log = AuditLog.open(path, "node_001", AuditIdAllocator())
+    assert "torn last line" in caplog.text
+    assert path.read_bytes() == good
+    log.append("daemon_start", {})
+    log.close()
+    assert verify_audit_log(path).entries == 3
+
+
+def test_file_that_is_only_a_torn_line_becomes_empty(tmp_path: Path) -> None:
+    """A first write torn before its newline leaves nothing behind after open."""
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"audit_id":1')
+    log = AuditLog.open(path, "node_001", AuditIdAllocator())
+    assert log.last_audit_id == 0
+    log.close()
+    assert path.read_bytes() == b""
+
+
+def test_garbage_last_line_refuses_to_append(tmp_path: Path) -> None:
+    """An unknown chain end is StateError rather than a silently broken chain."""
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"garbage\n")
+    with pytest.raises(StateError, match="annactl audit verify"):
+        AuditLog.open(path, "node_001", AuditIdAllocator())
+
+
+def test_explicit_audit_id_must_be_above_the_last(tmp_path: Path) -> None:
+    """append(audit_id=N) replays a reserved id only when N is above the log's last id."""
+    ids = AuditIdAllocator()
+    log = AuditLog.open(tmp_path / "audit.jsonl", "node_001", ids)
+    log.append("a", {})
+    with pytest.raises(ValueError, match="not above"):
+        log.append("b", {}, audit_id=1)
+    assert log.append("b", {}, audit_id=10, durable=True)["audit_id"] == 10
+    assert ids.next() == 11
+    log.close()
+
+
+def test_reserved_fields_cannot_be_overridden(tmp_path: Path) -> None:
+    """Event fields may not replace audit_id, hash and the other envelope fields."""
+    log = AuditLog.open(tmp_path / "audit.jsonl", "node_001", AuditIdAllocator())
+    with pytest.raises(ValueError, match="audit_id"):
+        log.append("x", {"audit_id": 5})
+    log.close()
+
+
+def test_ids_shared_with_observations_leave_gaps_that_verify(tmp_path: Path) -> None:
+    """Ids taken by observations leave gaps; the log still verifies (increasing, not dense)."""
+    ids = AuditIdAllocator()
+    log = AuditLog.open(tmp_path / "audit.jsonl", "node_001", ids)
+    log.append("a", {})
+    ids.next()  # an observation
+    assert log.append("b", {})["audit_id"] == 3
+    log.close()
+    result = verify_audit_log(tmp_path / "audit.jsonl")
+    assert (result.ok, result.entries, result.first_audit_id, result.last_audit_id) == (
+        True,
+        2,
+        1,
+        3,
+    )
+
+
+def test_empty_log_verifies(tmp_path: Path) -> None:
+    """An empty log is a valid (empty) chain."""
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"")
+    assert verify_audit_log(path).ok and verify_audit_log(path).entries == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(count=st.integers(2, 8), data=st.data())
+def test_edit_remove_reorder_name_the_first_bad_line(
+    tmp_path_factory: pytest.TempPathFactory, count: int, data: st.DataObject
+) -> None:
+    """Any edited, removed or swapped line is caught, at the right 1-based line number."""
+    path = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    write_entries(path, count)
+    lines = path.read_bytes().splitlines(keepends=True)
+    kind = data.draw(st.sampled_from(["edit", "remove", "reorder", "edit_rehash", "id"]))
+    index = data.draw(st.integers(0, count - 2))  # 0-based; leaves a line after it
+    if kind == "edit":
+        entry = json.loads(lines[index])
+        entry["n"] = 1000
+        lines[index] = (json.dumps(entry) + "\n").encode()
+        expected = index + 1
+    elif kind == "edit_rehash":
+        entry = json.loads(lines[index])
+        entry["n"] = 1000
+        body = {k: v for k, v in entry.items() if k != "hash"}
+        entry["hash"] = hashlib.sha256(
+            (entry["prev_hash"] + canonical_json(body)).encode()
+        ).hexdigest()
+        lines[index] = (json.dumps(entry) + "\n").encode()
+        expected = index + 2  # the forged line is self-consistent; the next one no longer chains
+    elif kind == "remove":
+        del lines[index]
+        expected = index + 1
+    elif kind == "reorder":
+        lines[index], lines[index + 1] = lines[index + 1], lines[index]
+        expected = index + 1
+    else:
+        entry = json.loads(lines[index + 1])
+        entry["audit_id"] = 1
+        lines[index + 1] = (json.dumps(entry) + "\n").encode()
+        expected = index + 2
+    path.write_bytes(b"".join(lines))
+    result = verify_audit_log(path)
+    assert not result.ok
+    assert result.first_bad_line == expected
+    assert result.entries == expected - 1
+
+
+def test_verify_rejects_non_increasing_ids_even_with_a_valid_chain(tmp_path: Path) -> None:
+    """A correctly hashed entry whose audit_id does not increase is still reported."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog.open(path, "node_001", AuditIdAllocator())
+    log.append("a", {})
+    log.close()
+    log = AuditLog.open(path, "node_001", AuditIdAllocator())
+    log._last_id = 0  # simulate a buggy writer reusing an id
+    log._ids = AuditIdAllocator(0)
+    log.append("b", {})
+    log.close()
+    result = verify_audit_log(path)
+    assert (result.ok, result.first_bad_line) == (False, 2)
+    assert "not above" in result.reason
