@@ -24,7 +24,6 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from state_strategies import v1_states
 
 from anna_trio import failpoints
 from anna_trio._exceptions import FailpointError, MigrationRolledBack, StateError
@@ -42,6 +41,7 @@ from anna_trio.state.migration import (
     plan_migration,
 )
 from anna_trio.state.schema import parse_state, state_version, validate_v2
+from state_strategies import v1_states
 
 MIGRATION_FAILPOINTS = tuple(name for name in failpoints.NAMES if name.startswith("migrate."))
 STEP_LINES = [

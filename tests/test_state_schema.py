@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from anna_trio._exceptions import LockHeldError, StateError
 from anna_trio.state import atomic
