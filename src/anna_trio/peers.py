@@ -260,7 +260,8 @@ class PeerSupervisor:
             )
 
         def count_failure(reason: str) -> None:
-            self._metrics.tls_handshake_failures.labels("client", reason).inc()
+            # Identity refusals carry detail after a colon; the label keeps only the kind.
+            self._metrics.tls_handshake_failures.labels("client", reason.split(":")[0]).inc()
 
         return HttpClient(
             peer.address,
