@@ -90,6 +90,20 @@ def test_open_reads_only_the_tail(tmp_path: Path) -> None:
     log.close()
 
 
+def test_tail_read_handles_lines_longer_than_one_chunk(tmp_path: Path) -> None:
+    """A last entry bigger than the 64 KiB read-back chunk is still found whole."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog.open(path, "node_001", AuditIdAllocator())
+    log.append("small", {})
+    log.append("big", {"blob": "x" * 200_000})
+    log.close()
+    log = AuditLog.open(path, "node_001", AuditIdAllocator())
+    assert log.last_audit_id == 2
+    log.append("after", {})
+    log.close()
+    assert verify_audit_log(path).entries == 3
+
+
 def test_torn_last_line_is_removed_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

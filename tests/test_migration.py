@@ -32,7 +32,7 @@ from anna_trio.metrics import Metrics
 from anna_trio.state.migration import (
     BACKUP_NAME,
     CHECKSUM_NAME,
-    PENDING_NAME,
+    PENDING_PREFIX,
     STATE_NAME,
     V2_TEMP_NAME,
     MigrationOutcome,
@@ -276,7 +276,7 @@ def test_completed_migration_is_recorded_even_after_a_manual_rollback(tmp_path: 
         ("state_migration", True),
         ("state_migration", False),
     ]
-    assert not (tmp_path / PENDING_NAME).exists()
+    assert not list(tmp_path.glob(f"{PENDING_PREFIX}*"))
 
 
 def test_marker_of_a_run_killed_before_its_replace_is_discarded(tmp_path: Path) -> None:
@@ -292,7 +292,7 @@ def test_marker_of_a_run_killed_before_its_replace_is_discarded(tmp_path: Path) 
 
     with mock.patch("os.replace", die_at_state_replace), pytest.raises(SimulatedKill):
         run_migration(tmp_path, tmp_path / "audit.jsonl")
-    assert (tmp_path / PENDING_NAME).exists() and (tmp_path / V2_TEMP_NAME).exists()
+    assert list(tmp_path.glob(f"{PENDING_PREFIX}*")) and (tmp_path / V2_TEMP_NAME).exists()
     assert run_migration(tmp_path, tmp_path / "audit.jsonl") is MigrationOutcome.MIGRATED
     entries = audit_entries(tmp_path / "audit.jsonl")
     assert [e.get("recovered", False) for e in entries] == [False]

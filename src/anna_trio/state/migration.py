@@ -5,9 +5,11 @@ checksum and the complete v2 document are durable and verified, so a crash at an
 leaves either the untouched v1 (migrated again next time) or a complete v2.
 
 Exactly-once audit: the ``state_migration`` entry's audit_id N is reserved before the
-replace and stored in the v2 document (``migration.audit_id``) and in a durable marker,
-``state.migration.pending``, written just before the replace and removed once the entry
-is in the log. The replace is the only way ``state.v2.json`` disappears while the
+replace and stored in the v2 document (``migration.audit_id``) and in the name of an
+empty marker file, ``state.migration.pending.<N>``, created right after ``state.v2.json``
+(a name needs no data fsync, only the directory sync the v2 files need anyway) and removed
+once the entry is in the log (or, first, when the run rolls back or fails before the
+replace). The replace is the only way ``state.v2.json`` disappears while the
 marker exists, so at the next start "marker present, state.v2.json gone" means the
 migration completed - even if an operator has rolled state.json back by hand since -
 and an entry N above the log's last id is written then. Callers must therefore run
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
 import logging
 import os
 import time
@@ -47,7 +48,7 @@ STATE_NAME = "state.json"
 V2_TEMP_NAME = "state.v2.json"
 BACKUP_NAME = "state.backup.v1"
 CHECKSUM_NAME = "state.backup.v1.sha256"
-PENDING_NAME = "state.migration.pending"
+PENDING_PREFIX = "state.migration.pending."  # + the reserved audit_id; an empty file
 
 
 class MigrationOutcome(enum.Enum):
@@ -112,21 +113,29 @@ def audit_floor_from_state(state_dir: Path) -> int:
             continue
         if found is not None:
             floor = max(floor, _floor_of(found.state))
-    marker = _read_marker(state_dir)
-    if marker is not None:
-        floor = max(floor, marker["audit_id"])
-    return floor
+    return max([floor, *_markers(state_dir).values()])
 
 
-def _read_marker(state_dir: Path) -> dict[str, Any] | None:
-    """The pending-audit marker's migration record, None when absent or unreadable."""
+def _markers(state_dir: Path) -> dict[Path, int]:
+    """Pending-audit markers and the audit_id each one names."""
+    found: dict[Path, int] = {}
+    for path in state_dir.glob(f"{PENDING_PREFIX}*"):
+        suffix = path.name.removeprefix(PENDING_PREFIX)
+        if suffix.isdigit():
+            found[path] = int(suffix)
+    return found
+
+
+def _drop_markers(state_dir: Path) -> None:
+    for path in _markers(state_dir):
+        path.unlink(missing_ok=True)
+
+
+def _backup_checksum(state_dir: Path) -> str | None:
     try:
-        record = json.loads((state_dir / PENDING_NAME).read_bytes())
-    except (OSError, ValueError):
+        return (state_dir / CHECKSUM_NAME).read_text("ascii").split()[0]
+    except (OSError, ValueError, IndexError):
         return None
-    if isinstance(record, dict) and _is_int(record.get("audit_id")):
-        return record
-    return None
 
 
 def _completed_unrecorded(
@@ -137,16 +146,17 @@ def _completed_unrecorded(
     Drops a marker left by a run that died before its replace (state.v2.json still there).
     """
     records: dict[int, dict[str, Any]] = {}
-    marker = _read_marker(state_dir)
-    if (state_dir / PENDING_NAME).exists():
-        if (state_dir / V2_TEMP_NAME).exists() or marker is None:
-            (state_dir / PENDING_NAME).unlink()
-            fsync_dir(state_dir)
-        else:
-            records[marker["audit_id"]] = marker
+    markers = _markers(state_dir)
+    if markers and (state_dir / V2_TEMP_NAME).exists():
+        _drop_markers(state_dir)
+        fsync_dir(state_dir)
+    elif markers:
+        checksum = _backup_checksum(state_dir)  # the backup of the run that replaced
+        for audit_id in markers.values():
+            records[audit_id] = {"audit_id": audit_id, "backup_checksum": checksum}
     own = state.get(MIGRATION_FIELD)
     if state_version(state) == 2 and isinstance(own, dict) and _is_int(own.get("audit_id")):
-        records.setdefault(own["audit_id"], own)
+        records[own["audit_id"]] = own  # the v2 document's record is the fuller one
     return [records[key] for key in sorted(records) if key > audit_last_id]
 
 
@@ -202,7 +212,7 @@ def migrate_state(
         convert_v1_to_v2(found.state, node_id=node_id, now=_now())  # StateError before any write
     for record in _completed_unrecorded(state_dir, found.state, audit.last_audit_id):
         _record_interrupted_migration(record, audit, metrics, log)
-    (state_dir / PENDING_NAME).unlink(missing_ok=True)
+    _drop_markers(state_dir)
     if is_v2:
         return MigrationOutcome.ALREADY_V2
     return _Migration(state_dir, found, node_id, audit, metrics, log).run()
@@ -257,6 +267,7 @@ class _Migration:
         self.log = log
         self.started = time.perf_counter()
         self.replaced = False
+        self.marker: Path | None = None  # named after the audit_id once it is reserved
 
     def _elapsed_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 3)
@@ -284,7 +295,8 @@ class _Migration:
         log.info("Computing checksum of backup")
         checksum = hashlib.sha256(self.found.raw).hexdigest()
         write_synced(state_dir / CHECKSUM_NAME, f"{checksum}  {BACKUP_NAME}\n".encode())
-        fsync_dir(state_dir)
+        # Their names become durable with the v2 files' one directory sync, before the
+        # replace: until then state.json is the v1, so nothing depends on them yet.
         if failpoints.hit("migrate.after_checksum"):
             _damage(backup_path)
 
@@ -295,6 +307,7 @@ class _Migration:
         log.info("Converting v1 state to v2")
         now = _now()
         audit_id = self.audit.ids.next()  # reserved: the success entry takes exactly this id
+        marker = self.marker = state_dir / f"{PENDING_PREFIX}{audit_id}"
         v2 = convert_v1_to_v2(v1, node_id=self.node_id, now=now)
         v2[MIGRATION_FIELD] = {
             "from_version": 1,
@@ -309,7 +322,8 @@ class _Migration:
         log.info("Saving v2 state")
         encoded = encode_state(v2)
         write_synced(v2_path, encoded)
-        fsync_dir(state_dir)
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        fsync_dir(state_dir)  # backup, checksum, v2 and marker durable before the replace
         failpoints.hit("migrate.after_save_v2")
 
         log.info("Verifying backup checksum")
@@ -318,8 +332,6 @@ class _Migration:
             self._roll_back(problem)
         failpoints.hit("migrate.after_verify")
 
-        write_synced(state_dir / PENDING_NAME, json.dumps(v2[MIGRATION_FIELD]).encode())
-        fsync_dir(state_dir)  # the marker is durable before the replace can be
         os.replace(v2_path, state_dir / STATE_NAME)
         self.replaced = True
         fsync_dir(state_dir)
@@ -339,11 +351,15 @@ class _Migration:
             durable=True,
             audit_id=audit_id,
         )
-        (state_dir / PENDING_NAME).unlink()
+        self._drop_marker()
         failpoints.hit("migrate.after_audit")
         if self.metrics is not None:
             self.metrics.migration_events.labels("success").inc()
         return MigrationOutcome.MIGRATED
+
+    def _drop_marker(self) -> None:
+        if self.marker is not None:
+            self.marker.unlink(missing_ok=True)
 
     def _roll_back(self, problem: _Problem) -> None:
         log = self.log
@@ -354,6 +370,7 @@ class _Migration:
         log.critical("Migration verification failed: %s", problem.reason)
         if _read_or_none(state_path) != self.found.raw:
             atomic_write_bytes(state_path, self.found.raw)
+        self._drop_marker()  # before state.v2.json: see module doc
         (self.dir / V2_TEMP_NAME).unlink(missing_ok=True)
         fsync_dir(self.dir)
         self.audit.append(
@@ -370,7 +387,7 @@ class _Migration:
     def _record_failure(self, exc: Exception) -> None:
         """An error before the replace: state.json is still v1; drop the half-way v2."""
         self.log.error("State migration v1 → v2 failed, state.json left as v1: %s", exc)
-        (self.dir / PENDING_NAME).unlink(missing_ok=True)  # before state.v2.json: see module doc
+        self._drop_marker()  # before state.v2.json: see module doc
         (self.dir / V2_TEMP_NAME).unlink(missing_ok=True)
         if self.metrics is not None:
             self.metrics.migration_events.labels("failure").inc()

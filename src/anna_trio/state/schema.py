@@ -7,7 +7,6 @@ v1 that v2 also defines wins over the default, so nothing from v1 is ever lost.
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any
 
@@ -139,10 +138,12 @@ def convert_v1_to_v2(v1: dict[str, Any], *, node_id: str, now: str) -> dict[str,
 
     A v1 ``consensus``/``network`` object is kept and only completed with missing keys;
     a v1 field of the same name that is not an object cannot become v2 (StateError).
+    ``v1`` is not modified, but v2 shares its nested values (no deep copy: the migration
+    budget is a few milliseconds), so deep-copy the result before mutating it in place.
     """
     if MIGRATION_FIELD in v1:
         raise StateError(f"v1 state already has a {MIGRATION_FIELD!r} field; refusing to guess")
-    v2 = copy.deepcopy(v1)
+    v2 = dict(v1)
     v2["schema_version"] = CURRENT_VERSION
     for key, default in _defaults(node_id=node_id, now=now).items():
         if key not in v2:
@@ -150,12 +151,17 @@ def convert_v1_to_v2(v1: dict[str, Any], *, node_id: str, now: str) -> dict[str,
         elif isinstance(default, dict):
             if not isinstance(v2[key], dict):
                 raise StateError(f"v1 field {key!r} is not an object and cannot become v2's")
+            completed = dict(v2[key])
             for sub_key, sub_default in default.items():
-                v2[key].setdefault(sub_key, sub_default)
+                completed.setdefault(sub_key, sub_default)
+            v2[key] = completed
     validate_v2(v2)
     return v2
 
 
 def encode_state(state: dict[str, Any]) -> bytes:
-    """How state files are written: UTF-8 JSON, indented for operators, newline-terminated."""
-    return (json.dumps(state, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+    """How state files are written: UTF-8 JSON on one line (`jq .` pretty-prints it).
+
+    No indent: that keeps json's C encoder, about ten times faster on a 10 KB state.
+    """
+    return (json.dumps(state, ensure_ascii=False, allow_nan=False) + "\n").encode()
