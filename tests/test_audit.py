@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anna_trio._exceptions import StateError
+from anna_trio import failpoints
+from anna_trio._exceptions import FailpointError, StateError
 from anna_trio.audit import (
     GENESIS_HASH,
     AuditIdAllocator,
@@ -242,3 +243,18 @@ def test_verify_rejects_non_increasing_ids_even_with_a_valid_chain(tmp_path: Pat
     result = verify_audit_log(path)
     assert (result.ok, result.first_bad_line) == (False, 2)
     assert "not above" in result.reason
+
+
+def test_before_append_failpoint_writes_nothing_and_takes_no_id(tmp_path: Path) -> None:
+    """An `error` at audit.before_append leaves the log and the allocator untouched."""
+    ids = AuditIdAllocator(5)
+    log = AuditLog.open(tmp_path / "audit.jsonl", "node_001", ids)
+    failpoints.arm("audit.before_append", "error")
+    try:
+        with pytest.raises(FailpointError):
+            log.append("x", {})
+    finally:
+        failpoints.disarm("audit.before_append")
+    assert ids.last == 5 and (tmp_path / "audit.jsonl").read_bytes() == b""
+    assert log.append("x", {})["audit_id"] == 6
+    log.close()

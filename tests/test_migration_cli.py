@@ -99,20 +99,39 @@ def test_clean_migration_prints_the_steps_and_exits_0(node: dict[str, Path]) -> 
     assert again.returncode == 0 and "already schema v2" in again.stdout
 
 
-@pytest.mark.parametrize("name", MIGRATION_FAILPOINTS)
-def test_kill_at_each_failpoint_then_restart_leaves_v1_or_complete_v2(
-    node: dict[str, Path], name: str
-) -> None:
-    """exit (SIGKILL) at any step: state is v1-intact or complete v2; a rerun finishes once."""
-    v1_raw = (node["state_dir"] / STATE_NAME).read_bytes()
-    killed = migrate(node, env={"ANNA_FAILPOINTS": f"{name}=exit"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    current = (node["state_dir"] / STATE_NAME).read_bytes()
-    if current != v1_raw:
-        validate_v2(parse_state(current))
-    rerun = migrate(node)
-    assert rerun.returncode == 0, rerun.stderr
-    assert_migrated_once(node)
+def spawn_migrate(node: dict[str, Path], env: dict[str, str]) -> subprocess.Popen[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ANNA_") and k != "NODE_ID"}
+    args = ["--state-dir", str(node["state_dir"]), "--audit-log", str(node["audit"])]
+    return subprocess.Popen(
+        [*ANNACTL, "migrate-state-v2", *args, "--node-id", "node_001"],
+        env=clean | env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_kill_at_each_failpoint_then_restart_leaves_v1_or_complete_v2(tmp_path: Path) -> None:
+    """exit (SIGKILL) at each step: state is v1-intact or complete v2; a rerun finishes once."""
+    nodes = {}
+    for name in MIGRATION_FAILPOINTS:  # one node per failpoint, all killed in parallel
+        state_dir = tmp_path / name / "state"
+        state_dir.mkdir(parents=True)
+        (state_dir / STATE_NAME).write_bytes(json.dumps(V1).encode())
+        nodes[name] = {"state_dir": state_dir, "audit": tmp_path / name / "audit.jsonl"}
+    v1_raw = json.dumps(V1).encode()
+    killed = {n: spawn_migrate(node, {"ANNA_FAILPOINTS": f"{n}=exit"}) for n, node in nodes.items()}
+    for name, process in killed.items():
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == -signal.SIGKILL, (name, stderr)
+        current = (nodes[name]["state_dir"] / STATE_NAME).read_bytes()
+        if current != v1_raw:
+            validate_v2(parse_state(current))
+    reruns = {name: spawn_migrate(node, {}) for name, node in nodes.items()}
+    for name, process in reruns.items():
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, (name, stderr)
+        assert_migrated_once(nodes[name])
 
 
 def test_corrupt_backup_rolls_back_with_exit_78_then_next_run_migrates(

@@ -24,6 +24,7 @@ from typing import Any
 
 import attrs
 
+from . import failpoints
 from ._exceptions import StateError
 
 GENESIS_HASH = "0" * 64
@@ -175,11 +176,15 @@ class AuditLog:
         audit_id: int | None = None,
     ) -> dict[str, Any]:
         """Write one entry and return it. ``audit_id`` replays an id reserved earlier
-        (the migration's exactly-once record); it must be above the log's last id."""
+        (the migration's exactly-once record); it must be above the log's last id.
+
+        Failpoint ``audit.before_append`` fires before an id is taken or a byte written.
+        """
         clash = RESERVED_FIELDS.intersection(fields)
         if clash:
             raise ValueError(f"audit fields may not set {sorted(clash)}")
         with self._lock:
+            failpoints.hit("audit.before_append")
             if audit_id is None:
                 audit_id = self._ids.next()
             elif audit_id <= self._last_id:
