@@ -66,6 +66,8 @@ class PeerLink:
         self._pull_now = trio.Event()
         self.state = PeerState()
         self._rng = random.Random()
+        self._renew: set[str] = set()
+        self._clients: dict[str, HttpClient] = {}
 
     def enqueue(self, kind: str, item: dict[str, Any]) -> None:
         """Never blocks: a full queue drops its oldest item (anti-entropy repairs it)."""
@@ -75,16 +77,30 @@ class PeerLink:
     def request_pull(self) -> None:
         self._pull_now.set()
 
+    def renew_clients(self) -> None:
+        """New TLS settings (a reload): each loop's next request opens a new connection
+        with them. A kept-alive connection, or a reconnect from a client made earlier,
+        would go on presenting the old, possibly revoked, certificate."""
+        self._renew = {"push", "pull"}
+
+    async def _swap_if_renewed(self, role: str, client: HttpClient) -> HttpClient:
+        if role not in self._renew:
+            return client
+        self._renew.discard(role)
+        await client.aclose()
+        self._clients[role] = fresh = self._make_client(self.peer)
+        return fresh
+
     async def run(self) -> None:
-        push, pull = self._make_client(self.peer), self._make_client(self.peer)
+        self._clients = {role: self._make_client(self.peer) for role in ("push", "pull")}
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._push_loop, push)
-                nursery.start_soon(self._pull_loop, pull)
+                nursery.start_soon(self._push_loop, self._clients["push"])
+                nursery.start_soon(self._pull_loop, self._clients["pull"])
         finally:
             with trio.CancelScope(shield=True):
-                await push.aclose()
-                await pull.aclose()
+                for client in self._clients.values():
+                    await client.aclose()
 
     def _take_batch(self) -> dict[str, list[dict[str, Any]]]:
         batch: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
@@ -114,6 +130,7 @@ class PeerLink:
                 continue
             batch = self._take_batch()
             body = {"from": self._node.node_id, **batch}
+            client = await self._swap_if_renewed("push", client)
             response = await self._call(client, "/rpc/gossip", body)
             if response is None or response.status >= 500 or response.status == 429:
                 self._requeue(batch)
@@ -125,6 +142,7 @@ class PeerLink:
     async def _pull_loop(self, client: HttpClient) -> None:
         attempt = 0
         while True:
+            client = await self._swap_if_renewed("pull", client)
             ok = await self.pull(client)
             attempt = 0 if ok else attempt + 1
             delay = ANTI_ENTROPY_INTERVAL if ok else max(backoff_delay(attempt, self._rng), 0.05)
@@ -236,6 +254,9 @@ class PeerSupervisor:
                 self._links.pop(peer_id).scope.cancel()
                 if peer_id not in wanted:
                     self._metrics.forget_peer(peer_id)
+        if self._ssl is not None:
+            for running in self._links.values():
+                running.link.renew_clients()
         for peer_id, peer in wanted.items():
             if peer_id not in self._links:
                 link = PeerLink(peer, self._node, self._make_client, self._metrics)
