@@ -118,6 +118,9 @@ class Daemon:
         self, config: ClusterConfig, key: Any, ids: AuditIdAllocator, audit: AuditLog
     ) -> None:
         s = self.settings
+        # Observations and audit entries share one sequence: the migration's entry must
+        # come after every id this node already signed an observation with.
+        ids.raise_floor(Store.peek_max_own_audit_id(s.state_dir / "node.db"))
         outcome = await trio.to_thread.run_sync(
             partial(
                 migrate_state,

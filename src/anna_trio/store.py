@@ -187,10 +187,24 @@ class Store:
                 "SELECT round_id, body FROM own WHERE round_id >= ?", (oldest,)
             )
         }
-        max_own = self._db.execute(
-            "SELECT MAX(json_extract(body, '$.audit_id')) FROM own"
-        ).fetchone()[0]
-        return StoredData(rounds, observations, evidence, own, int(max_own or 0))
+        return StoredData(rounds, observations, evidence, own, self.max_own_audit_id())
+
+    def max_own_audit_id(self) -> int:
+        """Highest audit_id this node ever signed an observation with (0 if none)."""
+        return _max_own_audit_id(self._db)
+
+    @staticmethod
+    def peek_max_own_audit_id(path: Path) -> int:
+        """The same, read-only, without creating the database (before the migration)."""
+        if not path.exists():
+            return 0
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return _max_own_audit_id(db)
+        except sqlite3.OperationalError:
+            return 0
+        finally:
+            db.close()
 
     @staticmethod
     def _parse_evidence(body: str) -> Evidence:
@@ -223,6 +237,11 @@ class Store:
         if not self._closed:
             self._closed = True
             self._db.close()
+
+
+def _max_own_audit_id(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT MAX(json_extract(body, '$.audit_id')) FROM own").fetchone()
+    return int(row[0] or 0)
 
 
 class _Transaction:
