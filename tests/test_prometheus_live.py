@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 from ruamel.yaml import YAML
 
 from anna_trio.metrics import Metrics
@@ -247,3 +248,49 @@ def test_prometheus_evaluates_seed_queries_and_alerts_on_anna_metrics(
             == set(NODE_IDS)
         ),
     )
+
+
+@pytest.mark.integration
+def test_prometheus_scrapes_a_running_testnet(
+    tmp_path: Path,
+    cluster_factory: Callable[..., Any],
+    prometheus_for: Callable[[Path, dict[str, str]], Prometheus],
+) -> None:
+    """A real Prometheus scrapes a live 3-node mTLS cluster and the seed's PromQL answers."""
+    cluster = cluster_factory()
+    targets = {ep.node_id: f"{ep.host}:{ep.metrics_port}" for ep in cluster.layout.endpoints}
+    workdir = tmp_path / "prometheus"
+    workdir.mkdir()
+    prometheus = prometheus_for(workdir, targets)
+    wait_until("all targets up", prometheus.targets_up)
+
+    async def three_rounds() -> None:
+        async with cluster.connect() as client:
+            for i in range(3):
+                status, body = await client.rpc(
+                    1, "POST", "/rpc/round/start", {"round_id": f"prom_{i}"}
+                )
+                assert status == 202, body
+
+    trio.run(three_rounds)
+    wait_until(
+        "three completed rounds scraped from every node",
+        lambda: prometheus.query("anna_consensus_rounds_total >= 3").keys() == set(NODE_IDS),
+    )
+    rates = wait_until(
+        "a positive round rate on every node",
+        lambda: (
+            (r := prometheus.query("rate(anna_consensus_rounds_total[5m]) > 0")).keys()
+            == set(NODE_IDS)
+            and r
+        ),
+    )
+    assert all(rate > 0 for rate in rates.values())
+    assert all(0.8 <= tis <= 0.9 for tis in prometheus.query("anna_average_tis").values())
+    assert prometheus.query("anna_byzantine_nodes_total") == dict.fromkeys(NODE_IDS, 0.0)
+    assert prometheus.query("anna_quorum_size") == dict.fromkeys(NODE_IDS, 2.0)
+    success = wait_until(
+        "every peer's success rate",
+        lambda: (s := prometheus.query(PEER_SUCCESS_RATE)).keys() == set(NODE_IDS) and s,
+    )
+    assert all(rate == pytest.approx(1.0) for rate in success.values())
