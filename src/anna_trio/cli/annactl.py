@@ -38,3 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BrokenPipeError:
         code = 0
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
