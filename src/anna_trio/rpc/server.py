@@ -45,7 +45,8 @@ def _json(reply: Reply, headers: dict[str, str] | None = None) -> Response:
         json.dumps(reply.body, separators=(",", ":")),
         status=reply.status,
         content_type="application/json",
-        headers=headers or {},
+        # A 413 goes out before the body is read, so the connection cannot be reused.
+        headers={**(headers or {}), **({"Connection": "close"} if reply.status == 413 else {})},
     )
 
 
