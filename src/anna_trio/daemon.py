@@ -30,7 +30,7 @@ from .models import ClusterConfig, format_utc
 from .node import Node
 from .observer import Observer
 from .peers import PeerSupervisor
-from .rpc.server import RpcServer, build_metrics_app
+from .rpc.server import RpcServer, ShieldedSends, build_metrics_app
 from .state.lock import StateDirLock
 from .state.migration import audit_floor_from_state, migrate_state
 from .state.statefile import StateFile
@@ -183,9 +183,10 @@ class Daemon:
                         await http.start(
                             partial(
                                 serve,
-                                app,
+                                ShieldedSends(app),
                                 _server_config(bind, context),
                                 shutdown_trigger=stop_http.wait,
+                                mode="asgi",
                             )
                         )
                     await root.start(supervisor.run)

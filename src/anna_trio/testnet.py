@@ -235,6 +235,16 @@ def up(layout: Layout) -> list[subprocess.Popen[bytes]]:
         raise FileNotFoundError(
             f"{layout.directory} has no testnet (run: annactl testnet init --dir {layout.directory})"
         )
+    busy = [
+        f"{ep.host}:{port}"
+        for ep in layout.endpoints
+        for port in (ep.rpc_port, ep.metrics_port)
+        if _port_in_use(ep.host, port)
+    ]
+    if busy:
+        raise RuntimeError(
+            f"ports already in use: {', '.join(busy)} (another testnet? annactl testnet down --dir …)"
+        )
     processes = [start_node(layout, ep) for ep in layout.endpoints]
     trio.run(wait_ready, layout)
     return processes
@@ -249,6 +259,14 @@ async def wait_ready(layout: Layout, nodes: list[int] | None = None) -> None:
         return
     logs = "; ".join(f"node{ep.n}: " + _tail(layout.node_dir(ep.n) / "annad.log") for ep in chosen)
     raise RuntimeError(f"testnet not ready after {READY_TIMEOUT:.0f} s: {logs}")
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, port)) == 0
 
 
 def _tail(path: Path) -> str:
@@ -534,8 +552,8 @@ async def run_scenarios(layout: Layout) -> list[ScenarioResult]:
             try:
                 result.detail = await scenario(cluster, result.round_id)
                 result.passed = True
-            except (ScenarioFailed, OSError, KeyError, TypeError, trio.TooSlowError) as exc:
-                result.detail = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # the harness reports any failure as FAIL with its reason
+                result.detail = _describe(exc)
             out = directory / f"round_{number}"
             out.mkdir(exist_ok=True)
             for ep in cluster.layout.endpoints:
@@ -564,6 +582,12 @@ async def run_scenarios(layout: Layout) -> list[ScenarioResult]:
     }
     (directory / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return results
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(inner) for inner in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def summary_table(results: list[ScenarioResult]) -> str:

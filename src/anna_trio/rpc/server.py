@@ -238,6 +238,27 @@ class RpcServer:
         return await self._guarded(work)
 
 
+class ShieldedSends:
+    """ASGI wrapper that shields the app's `send` calls from the app's own cancellation.
+
+    quart-trio cancels its per-request nursery right after the last body is sent; that
+    cancellation can land inside hypercorn's send while it re-arms the connection's
+    keep-alive idle task, leaving an idle connection that only closes at the graceful
+    shutdown deadline. Hypercorn already shields the socket write itself; this only
+    lets its bookkeeping finish, so SIGTERM closes idle keep-alive connections at once.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def shielded_send(message: Any) -> None:
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await self.app(scope, receive, shielded_send)
+
+
 def build_metrics_app(
     metrics: Metrics,
     node_health: Callable[[], dict[str, Any]],
