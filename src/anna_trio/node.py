@@ -116,8 +116,6 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self.reload_status = ReloadStatus()
         self.peer_states: Callable[[], list[dict[str, Any]]] = list
-        self.started_at = time.time()
-        self._learned_wall: dict[str, float] = {}
 
     # --- configuration ----------------------------------------------------------------
 
@@ -432,7 +430,6 @@ class Node:
                 view = self.engine.round(round_id)
                 window = view.window_hours if view else 24
                 statements.append(Store.round_stmt(round_id, window, time.time()))
-                self._learned_wall[round_id] = time.time()
                 self._schedule_own(round_id, window)
             case ev.Accepted(obs=obs):
                 statements.append(Store.observation_stmt(obs, crypto.observation_digest(obs)))
