@@ -392,10 +392,14 @@ async def test_rate_limit_applies_to_clients_but_never_to_validators(
     async with httpx.AsyncClient(
         base_url=str(rpc.base_url), transport=transport, timeout=10
     ) as outsider:
-        answers = [await outsider.get("/health") for _ in range(12)]
+        started = trio.current_time()
+        answers = [await outsider.get("/health") for _ in range(20)]
+        elapsed = trio.current_time() - started
     statuses = [a.status_code for a in answers]
     assert statuses[:5] == [200] * 5, statuses
-    assert set(statuses) == {200, 429} and statuses[-1] == 429, statuses
+    assert set(statuses) == {200, 429}, statuses
+    # The burst, plus what 5 tokens/s refilled while the requests were being sent.
+    assert statuses.count(200) <= 5 + 5 * elapsed + 1, (statuses, elapsed)
     limited = [a for a in answers if a.status_code == 429]
     for answer in limited:
         assert_error(answer, 429)
