@@ -157,7 +157,9 @@ class PeerLink:
             return False
         try:
             payload = response.json()
-        except PeerError:
+        except (PeerError, RecursionError):
+            # RecursionError: JSON nested past the parser's limit. A peer answering that
+            # must cost this link one pull, not crash the daemon through the nursery.
             return False
         await self._node.ingest(payload)
         return True

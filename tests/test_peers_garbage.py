@@ -1,0 +1,61 @@
+"""A peer answering an anti-entropy pull with junk costs that pull, never the daemon."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from anna_trio.metrics import Metrics
+from anna_trio.models import PeerConfig
+from anna_trio.peers import PeerLink
+from anna_trio.rpc.client import Response
+
+PEER = PeerConfig("node_002", "127.0.0.1", 8002, "00" * 32)
+
+
+class _FakeNode:
+    node_id = "node_001"
+
+    def __init__(self) -> None:
+        self.ingested: list[Any] = []
+
+    def sync_request(self) -> dict[str, Any]:
+        return {"from": self.node_id, "summary": {}, "evidence": []}
+
+    async def ingest(self, payload: Any) -> None:
+        self.ingested.append(payload)
+
+
+class _CannedClient:
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def request(self, method: str, path: str, **_: Any) -> Response:
+        return Response(status=200, headers={}, body=self.body)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"rounds": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", b"junk"],
+    ids=["nested-past-limit", "nested-inside-object", "not-json"],
+)
+async def test_pull_with_junk_answer_fails_quietly(body: bytes) -> None:
+    """An unparseable sync answer (even nested past the JSON parser's limit) is a failed
+    pull: pull() returns False and nothing is ingested."""
+    node = _FakeNode()
+    link = PeerLink(PEER, node, lambda peer: _CannedClient(body), Metrics("node_001"))  # type: ignore[arg-type, return-value]
+    assert await link.pull(_CannedClient(body)) is False  # type: ignore[arg-type]
+    assert node.ingested == []
+
+
+async def test_pull_with_valid_answer_ingests() -> None:
+    """The control case: a well-formed answer is ingested and the pull succeeds."""
+    node = _FakeNode()
+    client = _CannedClient(b'{"rounds": [], "observations": [], "evidence": []}')
+    link = PeerLink(PEER, node, lambda peer: client, Metrics("node_001"))  # type: ignore[arg-type, return-value]
+    assert await link.pull(client) is True  # type: ignore[arg-type]
+    assert node.ingested == [{"rounds": [], "observations": [], "evidence": []}]
