@@ -17,8 +17,6 @@ from functools import partial
 from typing import Any
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from . import __version__, crypto, failpoints, systemd
 from ._exceptions import ConfigError
@@ -30,7 +28,8 @@ from .models import ClusterConfig, format_utc
 from .node import Node
 from .observer import Observer
 from .peers import PeerSupervisor
-from .rpc.server import RpcServer, ShieldedSends, build_metrics_app
+from .rpc.http import HttpServer
+from .rpc.server import MetricsServer, RpcServer
 from .state.lock import StateDirLock
 from .state.migration import audit_floor_from_state, migrate_state
 from .state.statefile import StateFile
@@ -40,33 +39,6 @@ log = logging.getLogger("anna.daemon")
 
 INSECURE_WARNING = "WARN: Running with allow_insecure_peers=true - TLS DISABLED"
 SHUTDOWN_GRACE = 5.0
-
-
-class _ServerConfig(HypercornConfig):
-    """Hypercorn config that serves our (reloadable) SSL context instead of building one."""
-
-    def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
-        super().__init__()
-        self._anna_ssl = ssl_context
-
-    @property
-    def ssl_enabled(self) -> bool:
-        return self._anna_ssl is not None
-
-    def create_ssl_context(self) -> ssl.SSLContext | None:
-        return self._anna_ssl
-
-
-def _server_config(bind: tuple[str, int], ssl_context: ssl.SSLContext | None) -> _ServerConfig:
-    config = _ServerConfig(ssl_context)
-    host, port = bind
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.keep_alive_max_requests = 1_000_000
-    config.graceful_timeout = SHUTDOWN_GRACE
-    config.accesslog = None
-    config.errorlog = logging.getLogger("anna.http")
-    config.alpn_protocols = ["http/1.1"]
-    return config
 
 
 def load_config_for(settings: Settings) -> ClusterConfig:
@@ -164,31 +136,21 @@ class Daemon:
         supervisor = PeerSupervisor(node, self.metrics, _client_tls)
         rpc = RpcServer(node, self.metrics, reconcile=supervisor.pull_all)
         rpc.set_limits(config.limits, await trio.to_thread.run_sync(_resolve_addresses, config))
-        metrics_app = build_metrics_app(
+        metrics_server = MetricsServer(
             self.metrics,
             node.health,
             lambda: self.ready,
             failpoints_http=os.environ.get("ANNA_FAILPOINTS_HTTP") == "1",
         )
-        stop_http = trio.Event()
+        rpc_http = HttpServer(rpc.handle, ssl_context=server_ssl, max_body_bytes=rpc.max_body_bytes)
+        metrics_http = HttpServer(metrics_server.handle)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as root:
                 await root.start(store.run)
                 await root.start(node.run)
                 async with trio.open_nursery() as http:
-                    for app, bind, context in (
-                        (rpc.app, rpc_bind, server_ssl),
-                        (metrics_app, s.metrics_listen, None),
-                    ):
-                        await http.start(
-                            partial(
-                                serve,
-                                ShieldedSends(app),
-                                _server_config(bind, context),
-                                shutdown_trigger=stop_http.wait,
-                                mode="asgi",
-                            )
-                        )
+                    await http.start(rpc_http.serve, *rpc_bind)
+                    await http.start(metrics_http.serve, *s.metrics_listen)
                     await root.start(supervisor.run)
                     root.start_soon(RoundCoordinator(node, s.round_interval, self._heartbeat).run)
                     root.start_soon(systemd.watchdog_loop, self._healthy)
@@ -213,7 +175,8 @@ class Daemon:
                         break
                     systemd.notify("STOPPING=1")
                     self.ready = False
-                    stop_http.set()
+                    await rpc_http.shutdown()
+                    await metrics_http.shutdown()
                     http.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
                 root.cancel_scope.cancel()
         with trio.CancelScope(shield=True):

@@ -8,7 +8,7 @@ the cluster CA (and not revoked when a CRL is set); the client context checks th
 server's certificate against the same CA and the address dialled. Which *node* answered
 is checked after the handshake by `check_peer_identity`.
 
-`ReloadableServerContext` exists because hypercorn asks for its SSLContext once at
+`ReloadableServerContext` exists because a server takes its SSLContext once, at
 start. It hands out one context object whose `wrap_bio` (what trio.SSLStream calls)
 delegates to the current inner context, so a reload (new certificates, CA or CRL)
 applies in full to every connection accepted afterwards; open connections keep theirs.
@@ -510,7 +510,7 @@ def client_context(tls: TlsConfig) -> ssl.SSLContext:
 
 
 class _DelegatingServerContext(ssl.SSLContext):
-    """The SSLContext hypercorn keeps: each new connection is wrapped by whatever inner
+    """The SSLContext the server keeps: each new connection is wrapped by whatever inner
     context its owner holds at that moment, so CA, CRL, verify flags, certificate and
     session cache all change together. (Swapping `ssl_object.context` in an
     sni_callback does not: the verify flags stay those of the first context, so a CRL
@@ -541,7 +541,7 @@ class ReloadableServerContext:
     CRL used for connections accepted afterwards, without a restart.
 
     `on_handshake_failure(reason)` is called with a `classify_handshake_error` label
-    whenever a server-side handshake fails (hypercorn swallows those errors, so this is
+    whenever a server-side handshake fails (one place for every server, so this is
     where `anna_tls_handshake_failures_total{side="server"}` can be counted).
     """
 
@@ -554,7 +554,7 @@ class ReloadableServerContext:
 
     @property
     def context(self) -> ssl.SSLContext:
-        """The context to give the server (hypercorn's `create_ssl_context`)."""
+        """The context to give the server once; reloads change what it delegates to."""
         return self._context
 
     def update(self, tls: TlsConfig) -> None:

@@ -33,7 +33,7 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("hypercorn", "anna.http", "quart"):
+    for noisy in ("anna.http",):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

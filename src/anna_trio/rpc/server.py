@@ -1,8 +1,9 @@
-"""The RPC app (SPEC §7) and the metrics app, both quart-trio on hypercorn's trio worker.
+"""The RPC routes (SPEC §7) and the metrics routes, on the lean HTTP server (rpc/http.py).
 
 Every failure path answers JSON `{"success": false, "error", "message"}`; client input
-never produces a 500. Limits are checked before any work: body size, per-client rate
-(validators exempt), concurrency; each handler runs under the server-side timeout.
+never produces a 500. Limits are checked before any work: body size (by the server,
+before reading the body), per-client rate (validators exempt), concurrency; each
+handler runs under the server-side timeout.
 """
 
 from __future__ import annotations
@@ -14,40 +15,44 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from quart import Response, request
-from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
 
 from .. import failpoints
 from .._exceptions import ConfigError
 from ..metrics import Metrics
 from ..models import ROUND_ID_RE, Limits
 from ..node import Node, Reply, error_reply
+from .http import Request, Response, error_response, json_response
 from .ratelimit import TokenBuckets, retry_after_header
 
 log = logging.getLogger("anna.rpc")
 
 MAX_IN_FLIGHT = 512
 IDEMPOTENCY_CACHE = 10_000
-ERROR_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    429: "rate_limited",
-    503: "unavailable",
-}
+
+Route = Callable[[Request], Awaitable[Response]]
 
 
-def _json(reply: Reply, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        json.dumps(reply.body, separators=(",", ":")),
-        status=reply.status,
-        content_type="application/json",
-        # A 413 goes out before the body is read, so the connection cannot be reused.
-        headers={**(headers or {}), **({"Connection": "close"} if reply.status == 413 else {})},
-    )
+def _reply(reply: Reply) -> Response:
+    return json_response(reply.status, reply.body)
+
+
+def _dispatch(routes: dict[str, dict[str, Route]], request: Request) -> Route | Response:
+    methods = routes.get(request.path)
+    if methods is None:
+        return error_response(404, "not_found", f"no such endpoint: {request.path}")
+    route = methods.get(request.method)
+    if route is None:
+        allowed = ", ".join(sorted(methods))
+        return error_response(405, "method_not_allowed", f"{request.path} accepts {allowed}")
+    return route
+
+
+def _decode_json(request: Request) -> Any:
+    """Decoded JSON body, or a Reply for malformed JSON (400)."""
+    try:
+        return json.loads(request.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return error_reply(400, "malformed_json", f"body is not valid JSON: {exc}")
 
 
 class RpcServer:
@@ -68,91 +73,65 @@ class RpcServer:
         self._buckets = TokenBuckets(self.limits.rate_per_client, self.limits.burst)
         self._in_flight = trio.CapacityLimiter(MAX_IN_FLIGHT)
         self._round_answers: OrderedDict[str, Reply] = OrderedDict()
-        self.app = self._build()
+        self._routes: dict[str, dict[str, Route]] = {
+            "/health": {"GET": self._health},
+            "/rpc/submit": {"POST": self._submit},
+            "/rpc/round/start": {"POST": self._round_start},
+            "/rpc/status": {"GET": self._status},
+            "/rpc/reconcile": {"POST": self._reconcile_route},
+            "/rpc/gossip": {"POST": self._gossip},
+            "/rpc/sync": {"POST": self._sync},
+        }
 
     def set_limits(self, limits: Limits, exempt_addresses: frozenset[str]) -> None:
         self.limits = limits
         self.exempt_addresses = exempt_addresses
-        self.app.config["MAX_CONTENT_LENGTH"] = limits.max_body_bytes
         if (limits.rate_per_client, limits.burst) != (self._buckets.rate, self._buckets.burst):
             self._buckets = TokenBuckets(limits.rate_per_client, limits.burst)
 
-    def _build(self) -> QuartTrio:
-        app = QuartTrio("anna_trio.rpc")
-        app.config["MAX_CONTENT_LENGTH"] = self.limits.max_body_bytes
-        app.config["BODY_TIMEOUT"] = 10
+    def max_body_bytes(self) -> int:
+        return self.limits.max_body_bytes
 
-        @app.errorhandler(HTTPException)
-        async def http_error(exc: HTTPException) -> Response:
-            status = exc.code or 500
-            return _json(
-                error_reply(
-                    status, ERROR_CODES.get(status, "http_error"), exc.description or exc.name
+    async def handle(self, request: Request) -> Response:
+        """The HTTP server's handler: rate limit, route, answer."""
+        if request.client not in self.exempt_addresses:
+            wait = self._buckets.allow(request.client, trio.current_time())
+            if wait > 0:
+                self.metrics.rate_limited.inc()
+                return json_response(
+                    429,
+                    {"success": False, "error": "rate_limited", "message": "rate limit exceeded"},
+                    (("retry-after", retry_after_header(wait)),),
                 )
-            )
-
-        @app.before_request
-        async def limits() -> Response | None:
-            client = request.remote_addr or "unknown"
-            length = request.content_length
-            if length is not None and length > self.limits.max_body_bytes:
-                return _json(
-                    error_reply(
-                        413, "payload_too_large", f"body over {self.limits.max_body_bytes} bytes"
-                    )
-                )
-            if client not in self.exempt_addresses:
-                wait = self._buckets.allow(client, trio.current_time())
-                if wait > 0:
-                    self.metrics.rate_limited.inc()
-                    return _json(
-                        error_reply(429, "rate_limited", "rate limit exceeded"),
-                        {"Retry-After": retry_after_header(wait)},
-                    )
-            return None
-
-        app.add_url_rule("/health", "health", self._health, methods=["GET"])
-        app.add_url_rule("/rpc/submit", "submit", self._submit, methods=["POST"])
-        app.add_url_rule("/rpc/round/start", "round_start", self._round_start, methods=["POST"])
-        app.add_url_rule("/rpc/status", "status", self._status, methods=["GET"])
-        app.add_url_rule("/rpc/reconcile", "reconcile", self._reconcile_route, methods=["POST"])
-        app.add_url_rule("/rpc/gossip", "gossip", self._gossip, methods=["POST"])
-        app.add_url_rule("/rpc/sync", "sync", self._sync, methods=["POST"])
-        return app
+        route = _dispatch(self._routes, request)
+        if isinstance(route, Response):
+            return route
+        return await route(request)
 
     async def _guarded(self, work: Callable[[], Awaitable[Reply]]) -> Response:
         """Concurrency cap (503 when saturated) and the server-side timeout (503)."""
         try:
             self._in_flight.acquire_nowait()
         except trio.WouldBlock:
-            return _json(error_reply(503, "overloaded", "server overloaded, retry later"))
+            return error_response(503, "overloaded", "server overloaded, retry later")
         try:
             with trio.move_on_after(self.limits.request_timeout):
                 reply = await work()
                 await failpoints.hit_async("rpc.before_reply")
-                return _json(reply)
-            return _json(error_reply(503, "timeout", "request timed out on the server"))
+                return _reply(reply)
+            return error_response(503, "timeout", "request timed out on the server")
         finally:
             self._in_flight.release()
 
-    @staticmethod
-    async def _body() -> Any:
-        """Decoded JSON body, or a Reply for malformed JSON (400)."""
-        raw = await request.get_data()
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return error_reply(400, "malformed_json", f"body is not valid JSON: {exc}")
+    async def _health(self, request: Request) -> Response:
+        return _reply(Reply(200, self.node.health()))
 
-    async def _health(self) -> Response:
-        return _json(Reply(200, self.node.health()))
-
-    async def _submit(self) -> Response:
+    async def _submit(self, request: Request) -> Response:
         async def work() -> Reply:
-            payload = await self._body()
+            payload = _decode_json(request)
             if isinstance(payload, Reply):
                 return payload
-            key = request.headers.get("Idempotency-Key")
+            key = request.headers.get("idempotency-key")
             if key is not None and not 1 <= len(key) <= 255:
                 return error_reply(
                     400, "bad_idempotency_key", "Idempotency-Key must be 1-255 chars"
@@ -161,12 +140,12 @@ class RpcServer:
 
         return await self._guarded(work)
 
-    async def _round_start(self) -> Response:
+    async def _round_start(self, request: Request) -> Response:
         async def work() -> Reply:
-            key = request.headers.get("Idempotency-Key")
+            key = request.headers.get("idempotency-key")
             if key is not None and key in self._round_answers:
                 return self._round_answers[key]
-            payload = await self._body()
+            payload = _decode_json(request) if request.body else {}
             if isinstance(payload, Reply):
                 return payload
             reply = await self._start(payload)
@@ -196,16 +175,18 @@ class RpcServer:
         started = await self.node.start_round(round_id, window)
         return Reply(202, {"success": True, "round_id": started})
 
-    async def _status(self) -> Response:
-        round_id = request.args.get("round_id")
-        if round_id is None:
-            return _json(Reply(200, self.node.status()))
-        detail = self.node.round_detail(round_id)
+    async def _status(self, request: Request) -> Response:
+        round_ids = request.query.get("round_id")
+        if round_ids is None:
+            return _reply(Reply(200, self.node.status()))
+        if len(round_ids) != 1:
+            return error_response(400, "bad_request", "give round_id once")
+        detail = self.node.round_detail(round_ids[0])
         if detail is None:
-            return _json(error_reply(404, "unknown_round", f"round {round_id!r} is not known here"))
-        return _json(Reply(200, detail))
+            return error_response(404, "unknown_round", f"round {round_ids[0]!r} is not known here")
+        return _reply(Reply(200, detail))
 
-    async def _reconcile_route(self) -> Response:
+    async def _reconcile_route(self, request: Request) -> Response:
         async def work() -> Reply:
             before = {v.round_id: v.result.digest for v in self.node.engine.rounds()}
             await self._reconcile()
@@ -223,84 +204,74 @@ class RpcServer:
 
         return await self._guarded(work)
 
-    async def _gossip(self) -> Response:
+    async def _gossip(self, request: Request) -> Response:
         async def work() -> Reply:
-            payload = await self._body()
+            payload = _decode_json(request)
             return payload if isinstance(payload, Reply) else await self.node.ingest(payload)
 
         return await self._guarded(work)
 
-    async def _sync(self) -> Response:
+    async def _sync(self, request: Request) -> Response:
         async def work() -> Reply:
-            payload = await self._body()
+            payload = _decode_json(request)
             return payload if isinstance(payload, Reply) else self.node.sync_answer(payload)
 
         return await self._guarded(work)
 
 
-class ShieldedSends:
-    """ASGI wrapper that shields the app's `send` calls from the app's own cancellation.
+class MetricsServer:
+    """Plain-HTTP routes for Prometheus, health/readiness and (testnets) failpoints."""
 
-    quart-trio cancels its per-request nursery right after the last body is sent; that
-    cancellation can land inside hypercorn's send while it re-arms the connection's
-    keep-alive idle task, leaving an idle connection that only closes at the graceful
-    shutdown deadline. Hypercorn already shields the socket write itself; this only
-    lets its bookkeeping finish, so SIGTERM closes idle keep-alive connections at once.
-    """
+    FAILPOINT_PREFIX = "/debug/failpoints/"
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    def __init__(
+        self,
+        metrics: Metrics,
+        node_health: Callable[[], dict[str, Any]],
+        is_ready: Callable[[], bool],
+        *,
+        failpoints_http: bool,
+    ) -> None:
+        self._metrics = metrics
+        self._node_health = node_health
+        self._is_ready = is_ready
+        self._failpoints_http = failpoints_http
+        self._routes: dict[str, dict[str, Route]] = {
+            "/metrics": {"GET": self._metrics_route},
+            "/health": {"GET": self._health},
+            "/ready": {"GET": self._ready},
+        }
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        async def shielded_send(message: Any) -> None:
-            with trio.CancelScope(shield=True):
-                await send(message)
+    async def handle(self, request: Request) -> Response:
+        if request.path.startswith(self.FAILPOINT_PREFIX):
+            return await self._failpoint(request)
+        route = _dispatch(self._routes, request)
+        if isinstance(route, Response):
+            return route
+        return await route(request)
 
-        await self.app(scope, receive, shielded_send)
+    async def _metrics_route(self, request: Request) -> Response:
+        return Response(200, self._metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
 
+    async def _health(self, request: Request) -> Response:
+        return _reply(Reply(200, self._node_health()))
 
-def build_metrics_app(
-    metrics: Metrics,
-    node_health: Callable[[], dict[str, Any]],
-    is_ready: Callable[[], bool],
-    *,
-    failpoints_http: bool,
-) -> QuartTrio:
-    """Plain-HTTP listener for Prometheus, health/readiness and (testnets) failpoints."""
-    app = QuartTrio("anna_trio.metrics")
+    async def _ready(self, request: Request) -> Response:
+        if self._is_ready():
+            return json_response(200, {"ready": True})
+        return error_response(503, "not_ready", "starting up")
 
-    @app.errorhandler(HTTPException)
-    async def http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        return _json(
-            error_reply(status, ERROR_CODES.get(status, "http_error"), exc.description or exc.name)
-        )
-
-    @app.get("/metrics")
-    async def metrics_route() -> Response:
-        return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/health")
-    async def health() -> Response:
-        return _json(Reply(200, node_health()))
-
-    @app.get("/ready")
-    async def ready() -> Response:
-        if is_ready():
-            return _json(Reply(200, {"ready": True}))
-        return _json(error_reply(503, "not_ready", "starting up"))
-
-    @app.route("/debug/failpoints/<name>", methods=["PUT", "DELETE"])
-    async def failpoint(name: str) -> Response:
-        if not failpoints_http:
-            return _json(error_reply(404, "not_found", "failpoints over HTTP are disabled"))
+    async def _failpoint(self, request: Request) -> Response:
+        if not self._failpoints_http:
+            return error_response(404, "not_found", "failpoints over HTTP are disabled")
+        name = request.path.removeprefix(self.FAILPOINT_PREFIX)
+        if request.method not in ("PUT", "DELETE"):
+            return error_response(405, "method_not_allowed", "failpoints accept PUT and DELETE")
         try:
             if request.method == "DELETE":
                 failpoints.arm(name, "off")
             else:
-                failpoints.arm(name, str(await request.get_data(as_text=True)))
+                failpoints.arm(name, request.body.decode("utf-8", errors="replace"))
         except ConfigError as exc:
-            return _json(error_reply(400, "bad_failpoint", str(exc)))
-        return _json(Reply(200, {"success": True, "armed": failpoints.armed()}))
-
-    return app
+            return error_response(400, "bad_failpoint", str(exc))
+        return json_response(200, {"success": True, "armed": failpoints.armed()})
