@@ -322,7 +322,11 @@ class Node:
             isinstance(v, list) and all(isinstance(n, str) for n in v) for v in summary.values()
         ):
             return error_reply(422, "invalid_request", "summary values must be lists of node ids")
-        held = {tuple(k) for k in known_evidence if isinstance(k, list) and len(k) == 2}
+        held = {
+            (k[0], k[1])
+            for k in known_evidence
+            if isinstance(k, list) and len(k) == 2 and all(isinstance(x, str) for x in k)
+        }
         missing = self.engine.observations_missing_from(summary, SYNC_ROUNDS)
         rounds = [
             {"round_id": v.round_id, "window_hours": v.window_hours}
