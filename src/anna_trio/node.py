@@ -242,7 +242,8 @@ class Node:
     def _verified(self, data: Any) -> Observation:
         try:
             obs = parse_observation(data)
-        except ObservationError as exc:
+        except (ObservationError, OverflowError) as exc:
+            # OverflowError: float() of an integer past ~1e308 in a TIS field (models.py).
             raise _Rejected(error_reply(422, "invalid_observation", str(exc), "invalid")) from exc
         public_key = self._pubkeys.get(obs.node_id)
         if public_key is None:
