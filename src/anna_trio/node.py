@@ -25,7 +25,15 @@ from .audit import AuditIdAllocator, AuditLog
 from .consensus import events as ev
 from .consensus.engine import Engine, EngineConfig, RoundView
 from .metrics import Metrics
-from .models import ROUND_ID_RE, ClusterConfig, Evidence, Observation, format_utc, parse_observation
+from .models import (
+    ROUND_ID_RE,
+    SIGNATURE_RE,
+    ClusterConfig,
+    Evidence,
+    Observation,
+    format_utc,
+    parse_observation,
+)
 from .observer import Observer
 from .state.statefile import StateFile
 from .store import Statement, Store
@@ -245,6 +253,13 @@ class Node:
         except (ObservationError, OverflowError) as exc:
             # OverflowError: float() of an integer past ~1e308 in a TIS field (models.py).
             raise _Rejected(error_reply(422, "invalid_observation", str(exc), "invalid")) from exc
+        if not SIGNATURE_RE.fullmatch(obs.signature):
+            # The models' `$` also matches before a final "\n", and bytes.fromhex skips it:
+            # a copy of an honest observation with "\n" appended would verify, differ in
+            # digest, and pass for conflict evidence against its signer.
+            raise _Rejected(
+                error_reply(422, "invalid_observation", "signature: not 128 hex chars", "invalid")
+            )
         public_key = self._pubkeys.get(obs.node_id)
         if public_key is None:
             raise _Rejected(
@@ -278,7 +293,7 @@ class Node:
             if (
                 isinstance(item, dict)
                 and isinstance(item.get("round_id"), str)
-                and ROUND_ID_RE.match(item["round_id"])
+                and ROUND_ID_RE.fullmatch(item["round_id"])
                 and _valid_window(item.get("window_hours"))
             ):
                 events += self.engine.open_round(item["round_id"], item["window_hours"], now)

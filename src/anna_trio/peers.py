@@ -34,6 +34,7 @@ BACKOFF_CAP = 10.0
 MAX_QUEUE = 10_000
 MAX_BATCH_BYTES = 48 * 1024
 KINDS = ("rounds", "evidence", "observations")
+JSON_HEADERS = {"content-type": "application/json"}
 
 
 def backoff_delay(attempt: int, rng: random.Random) -> float:
@@ -61,7 +62,7 @@ class PeerLink:
         self._node = node
         self._make_client = make_client
         self._metrics = metrics
-        self._queue: deque[tuple[str, dict[str, Any]]] = deque(maxlen=MAX_QUEUE)
+        self._queue: deque[tuple[str, bytes]] = deque(maxlen=MAX_QUEUE)
         self._wakeup = trio.Event()
         self._pull_now = trio.Event()
         self.state = PeerState()
@@ -69,9 +70,9 @@ class PeerLink:
         self._renew: set[str] = set()
         self._clients: dict[str, HttpClient] = {}
 
-    def enqueue(self, kind: str, item: dict[str, Any]) -> None:
+    def enqueue(self, kind: str, encoded: bytes) -> None:
         """Never blocks: a full queue drops its oldest item (anti-entropy repairs it)."""
-        self._queue.append((kind, item))
+        self._queue.append((kind, encoded))
         self._wakeup.set()
 
     def request_pull(self) -> None:
@@ -102,24 +103,33 @@ class PeerLink:
                 for client in self._clients.values():
                     await client.aclose()
 
-    def _take_batch(self) -> dict[str, list[dict[str, Any]]]:
-        batch: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
+    def _take_batch(self) -> list[tuple[str, bytes]]:
+        batch: list[tuple[str, bytes]] = []
         size = 0
         while self._queue:
-            kind, item = self._queue[0]
-            item_size = len(json.dumps(item)) + 2
-            if size and size + item_size > MAX_BATCH_BYTES:
+            kind, encoded = self._queue[0]
+            if size and size + len(encoded) + 1 > MAX_BATCH_BYTES:
                 break
             self._queue.popleft()
-            batch[kind].append(item)
-            size += item_size
+            batch.append((kind, encoded))
+            size += len(encoded) + 1
         return batch
 
-    def _requeue(self, batch: dict[str, list[dict[str, Any]]]) -> None:
-        for kind in reversed(KINDS):
-            for item in reversed(batch[kind]):
-                if len(self._queue) < MAX_QUEUE:
-                    self._queue.appendleft((kind, item))
+    def _encode_batch(self, batch: list[tuple[str, bytes]]) -> bytes:
+        """The /rpc/gossip body from items encoded once, when they were broadcast."""
+        lists: dict[str, list[bytes]] = {kind: [] for kind in KINDS}
+        for kind, encoded in batch:
+            lists[kind].append(encoded)
+        fields = b"".join(
+            b',"' + kind.encode() + b'":[' + b",".join(items) + b"]"
+            for kind, items in lists.items()
+        )
+        return b'{"from":' + json.dumps(self._node.node_id).encode() + fields + b"}"
+
+    def _requeue(self, batch: list[tuple[str, bytes]]) -> None:
+        for item in reversed(batch):
+            if len(self._queue) < MAX_QUEUE:
+                self._queue.appendleft(item)
 
     async def _push_loop(self, client: HttpClient) -> None:
         attempt = 0
@@ -129,9 +139,8 @@ class PeerLink:
                 self._wakeup = trio.Event()
                 continue
             batch = self._take_batch()
-            body = {"from": self._node.node_id, **batch}
             client = await self._swap_if_renewed("push", client)
-            response = await self._call(client, "/rpc/gossip", body)
+            response = await self._call(client, "/rpc/gossip", self._encode_batch(batch))
             if response is None or response.status >= 500 or response.status == 429:
                 self._requeue(batch)
                 await trio.sleep(backoff_delay(attempt, self._rng))
@@ -152,7 +161,11 @@ class PeerLink:
 
     async def pull(self, client: HttpClient) -> bool:
         """One anti-entropy exchange: send our summary, ingest what we lacked."""
-        response = await self._call(client, "/rpc/sync", self._node.sync_request())
+        response = await self._call(
+            client,
+            "/rpc/sync",
+            json.dumps(self._node.sync_request(), separators=(",", ":")).encode(),
+        )
         if response is None or response.status != 200:
             return False
         try:
@@ -164,12 +177,12 @@ class PeerLink:
         await self._node.ingest(payload)
         return True
 
-    async def _call(self, client: HttpClient, path: str, body: dict[str, Any]) -> Any:
+    async def _call(self, client: HttpClient, path: str, body: bytes) -> Any:
         peer_id = self.peer.node_id
         started = time.perf_counter()
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
-                response = await client.request("POST", path, json_body=body)
+                response = await client.request("POST", path, body=body, headers=JSON_HEADERS)
         except trio.TooSlowError:
             self._mark(False, "timeout")
             await client.aclose()
@@ -235,8 +248,9 @@ class PeerSupervisor:
         ]
 
     def broadcast(self, kind: str, item: dict[str, Any]) -> None:
+        encoded = json.dumps(item, separators=(",", ":")).encode()
         for running in self._links.values():
-            running.link.enqueue(kind, item)
+            running.link.enqueue(kind, encoded)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
