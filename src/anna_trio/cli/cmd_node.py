@@ -88,17 +88,28 @@ def _request(
         raise
 
 
+def _expect(
+    args: argparse.Namespace, method: str, path: str, expected: int, what: str, body: Any = None
+) -> dict[str, Any] | int:
+    """The node's JSON answer when it has the expected status, else the exit code (printed)."""
+    result = _request(args, method, path, body)
+    if isinstance(result, int):
+        return result
+    status, data = result
+    if status != expected:
+        message = data.get("message", data) if isinstance(data, dict) else data
+        return _fail(f"{what}: HTTP {status}: {message}")
+    return dict(data)
+
+
 def _print(args: argparse.Namespace, data: Any) -> None:
     print(json.dumps(data, indent=2 if not args.json else None, sort_keys=True))
 
 
 def _status(args: argparse.Namespace) -> int:
-    result = _request(args, "GET", "/rpc/status")
-    if isinstance(result, int):
-        return result
-    status, data = result
-    if status != 200:
-        return _fail(f"status: HTTP {status}: {data}")
+    data = _expect(args, "GET", "/rpc/status", 200, "status")
+    if isinstance(data, int):
+        return data
     if args.json:
         _print(args, data)
         return 0
@@ -126,12 +137,9 @@ def _round_start(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"window_hours": args.window_hours}
     if args.round_id:
         body["round_id"] = args.round_id
-    result = _request(args, "POST", "/rpc/round/start", body)
-    if isinstance(result, int):
-        return result
-    status, data = result
-    if status != 202:
-        return _fail(f"round start refused: HTTP {status}: {data.get('message', data)}")
+    data = _expect(args, "POST", "/rpc/round/start", 202, "round start refused", body)
+    if isinstance(data, int):
+        return data
     print(data["round_id"])
     return 0
 
@@ -139,23 +147,19 @@ def _round_start(args: argparse.Namespace) -> int:
 def _round_show(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    result = _request(args, "GET", "/rpc/status?round_id=" + quote(args.round_id))
-    if isinstance(result, int):
-        return result
-    status, data = result
-    if status != 200:
-        return _fail(f"round {args.round_id}: HTTP {status}: {data.get('message', data)}")
+    data = _expect(
+        args, "GET", "/rpc/status?round_id=" + quote(args.round_id), 200, f"round {args.round_id}"
+    )
+    if isinstance(data, int):
+        return data
     _print(args, data)
     return 0
 
 
 def _reconcile(args: argparse.Namespace) -> int:
-    result = _request(args, "POST", "/rpc/reconcile", {})
-    if isinstance(result, int):
-        return result
-    status, data = result
-    if status != 200:
-        return _fail(f"reconcile: HTTP {status}: {data}")
+    data = _expect(args, "POST", "/rpc/reconcile", 200, "reconcile", {})
+    if isinstance(data, int):
+        return data
     print(data["message"])
     return 0
 
