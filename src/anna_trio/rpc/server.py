@@ -53,6 +53,8 @@ def _decode_json(request: Request) -> Any:
         return json.loads(request.body)
     except (ValueError, UnicodeDecodeError) as exc:
         return error_reply(400, "malformed_json", f"body is not valid JSON: {exc}")
+    except RecursionError:  # ~1000 nested arrays or objects fit easily in 64 KiB
+        return error_reply(400, "malformed_json", "body is nested too deeply")
 
 
 class RpcServer:
