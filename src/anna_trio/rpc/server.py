@@ -167,7 +167,7 @@ class RpcServer:
         round_id = payload.get("round_id")
         window = payload.get("window_hours", 24)
         if round_id is not None and (
-            not isinstance(round_id, str) or not ROUND_ID_RE.match(round_id)
+            not isinstance(round_id, str) or not ROUND_ID_RE.fullmatch(round_id)
         ):
             return error_reply(
                 422, "invalid_round_id", f"round_id must match {ROUND_ID_RE.pattern}"
