@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -140,3 +142,29 @@ def host_busy_seconds() -> float:
         fields = [int(x) for x in stat.readline().split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
     return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def stop_processes(processes: Sequence[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
+    """SIGTERM every process, SIGKILL what is left after `grace` s; not interruptible."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + grace
+        for process in processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
+def exit_on_sigterm(signum: int, frame: object) -> None:
+    """`timeout` or a CI runner stopping a benchmark must still stop what it started."""
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -45,6 +45,7 @@ import trio
 from _common import (
     bucket_delta,
     cpu_seconds,
+    exit_on_sigterm,
     histogram_buckets,
     histogram_summary_ms,
     host_busy_seconds,
@@ -52,6 +53,7 @@ from _common import (
     progress,
     rss_mib,
     sample_sum,
+    stop_processes,
     summary_ms,
 )
 
@@ -60,13 +62,18 @@ from anna_trio.config import load_cluster_config
 from anna_trio.rpc.client import HttpClient
 from anna_trio.sim import signed_observation
 
-PHASES = ("latency", "sustained", "submit")
+PHASES = ("latency", "sustained", "rss", "submit")
+DEFAULT_PHASES = ("latency", "sustained", "submit")
+# Issue 7 (2-core machine, mTLS on); the round p50 target relative to etcd is judged by
+# bench_suite.py, which runs bench_etcd.py in the same session.
 TARGETS = {
-    "round_p50_ms_3_nodes": 10.0,
-    "round_p99_ms_3_nodes": 40.0,
+    "round_p99_ms_3_nodes": 20.0,
     "round_p50_ms_15_nodes": 50.0,
-    "sustained_rounds_per_s": 200.0,
-    "sustained_rounds_per_s_issue7": 300.0,
+    "sustained_rounds_per_s_3_nodes": 300.0,
+    "rss_mib_per_node_after_rss_rounds": 80.0,
+    "rss_growth_mib_second_half": 2.0,  # "flat": at most this much over the second half
+    # earlier targets, still reported
+    "round_p50_ms_3_nodes": 10.0,
     "accepted_submits_per_s": 800.0,
     "mtls_over_plain_p50_ratio": 1.2,
 }
@@ -117,20 +124,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         """SIGTERM every annad we started, SIGKILL what is left after 10 s; not interruptible."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-        try:
-            for process in self.processes.values():
-                if process.poll() is None:
-                    process.terminate()
-            deadline = time.monotonic() + 10.0
-            for process in self.processes.values():
-                try:
-                    process.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=10)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        stop_processes(list(self.processes.values()))
 
     def rpc_client(self, n: int) -> HttpClient:
         ep = self.layout.endpoints[n - 1]
@@ -404,12 +398,16 @@ async def phase_sustained(
     prefix: str,
     starters: int,
     time_limit: float,
+    rss_every: int = 0,
 ) -> dict[str, Any]:
+    """Rounds/s with up to `in_flight` not yet Complete everywhere; with `rss_every`, each
+    node's RSS is sampled every `rss_every` rounds done everywhere."""
     counter = CompletionCounter(cluster)
     await counter.baseline()
     started = 0
     start_errors = 0
     finished_at: float | None = None
+    rss_samples: list[dict[str, Any]] = []
 
     async def starter() -> None:
         nonlocal started, start_errors
@@ -438,9 +436,13 @@ async def phase_sustained(
                 for _ in range(starters):
                     nursery.start_soon(starter)
                 last_report = 0
+                next_sample = rss_every
                 while counter.everywhere < total:
                     await counter.changed.wait()
-                    if counter.everywhere - last_report >= 250:
+                    if rss_every and counter.everywhere >= next_sample:
+                        rss_samples.append({"rounds": counter.everywhere, **cluster.rss()})
+                        next_sample += rss_every
+                    if counter.everywhere - last_report >= max(250, total // 10):
                         last_report = counter.everywhere
                         progress(f"  sustained: {last_report}/{total} rounds done everywhere")
                 finished_at = time.perf_counter()
@@ -458,7 +460,26 @@ async def phase_sustained(
         "start_errors": start_errors,
         "timed_out": finished_at is None,
         "rounds_per_s": round(done / meter.wall, 1),
+        **({"rss_mib_samples": rss_samples} if rss_every else {}),
         **meter.report(done),
+    }
+
+
+def rss_verdict(idle: dict[str, float | None], samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """RSS per node at the half-way sample and the last one, and the growth in between."""
+    if len(samples) < 2:
+        return {"samples": len(samples)}
+    half = samples[(len(samples) - 1) // 2]
+    last = samples[-1]
+    nodes = [k for k in last if k != "rounds"]
+    growth = {n: round((last[n] or 0.0) - (half[n] or 0.0), 1) for n in nodes}
+    return {
+        "idle": idle,
+        "half_way": half,
+        "end": last,
+        "growth_second_half_mib": growth,
+        "max_mib": max(last[n] or 0.0 for n in nodes),
+        "max_growth_second_half_mib": max(growth.values()),
     }
 
 
@@ -595,6 +616,26 @@ async def run_cluster_phases(
             args.starters,
             args.phase_limit,
         )
+    if "rss" in phases:
+        progress(
+            f"[{tag}, {len(cluster.running)} nodes] rss: {args.rss_rounds} rounds,"
+            f" {args.in_flight} in flight, RSS every {args.rss_every}"
+        )
+        rss_run = await phase_sustained(
+            cluster,
+            args.rss_rounds,
+            args.in_flight,
+            f"rss_{tag}",
+            args.starters,
+            args.rss_limit,
+            rss_every=args.rss_every,
+        )
+        samples = rss_run.pop("rss_mib_samples")
+        result["rss"] = {
+            **rss_verdict(result["rss_mib_idle"], samples),
+            "samples": samples,
+            "load": rss_run,
+        }
     scrapes = await scrape_all(cluster)
     result["peer_request_latency_whole_run"] = histogram_summary_ms(
         merged_histogram(scrapes, "anna_peer_request_duration_seconds")
@@ -651,42 +692,37 @@ def with_cluster(
         cluster.stop()
 
 
-def verdicts(report: dict[str, Any]) -> dict[str, Any]:
-    """Each target beside the figure it is judged on (None when the phase did not run)."""
-    out: dict[str, Any] = {}
+def verdicts(report: dict[str, Any]) -> dict[str, bool]:
+    """Each target met or not, for the runs that measured it (keys name the figure)."""
+    out: dict[str, bool] = {}
     for run in report["runs"]:
         nodes, mode = run["nodes"], "tls" if run["tls"] else "plain"
+        prefix = f"{mode}.{nodes}_nodes"
         latency = run.get("round_latency", {}).get("start_to_complete_everywhere")
         if latency:
             if nodes == 3:
-                out[f"{mode}.3_nodes.round_p50_ms<=10"] = latency["p50_ms"] <= 10.0
-                out[f"{mode}.3_nodes.round_p99_ms<=40"] = latency["p99_ms"] <= 40.0
+                out[f"{prefix}.round_p99_ms<=20"] = latency["p99_ms"] <= 20.0
+                out[f"{prefix}.round_p50_ms<=10"] = latency["p50_ms"] <= 10.0
             if nodes == 15:
-                out[f"{mode}.15_nodes.round_p50_ms<=50"] = latency["p50_ms"] <= 50.0
+                out[f"{prefix}.round_p50_ms<=50"] = latency["p50_ms"] <= 50.0
         sustained = run.get("sustained")
-        if sustained:
-            out[f"{mode}.{nodes}_nodes.rounds_per_s>=200"] = sustained["rounds_per_s"] >= 200
-            out[f"{mode}.{nodes}_nodes.rounds_per_s>=300"] = sustained["rounds_per_s"] >= 300
+        if sustained and nodes == 3:
+            out[f"{prefix}.rounds_per_s>=300"] = sustained["rounds_per_s"] >= 300
+        rss = run.get("rss")
+        if rss and "max_mib" in rss:
+            out[f"{prefix}.rss_mib_per_node<=80"] = rss["max_mib"] <= 80.0
+            out[f"{prefix}.rss_flat_second_half(<=2MiB)"] = rss["max_growth_second_half_mib"] <= 2.0
         submit = run.get("submit")
         if submit:
-            out[f"{mode}.{nodes}_nodes.known_round.submits_per_s>=800"] = (
-                submit["known_round"]["accepted_per_s"] >= 800
-            )
-            out[f"{mode}.{nodes}_nodes.new_round.submits_per_s>=800"] = (
-                submit["new_round"]["accepted_per_s"] >= 800
-            )
+            for shape in ("known_round", "new_round"):
+                out[f"{prefix}.{shape}.submits_per_s>=800"] = submit[shape]["accepted_per_s"] >= 800
     if "tls_ratio" in report:
         out["mtls_over_plain_p50<=1.2"] = report["tls_ratio"]["p50"] <= 1.2
     return out
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    """`timeout` or a CI runner stopping us must still stop the annad processes we started."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> int:
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=3, help="annad processes (3, 5, 9, 15)")
     parser.add_argument("--rounds", type=int, default=300, help="sequential rounds (>= 200)")
@@ -705,7 +741,18 @@ def main() -> int:
         help="ms after a round start before the first probe (keeps probes off the round;"
         " then read the latency from the logs)",
     )
-    parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument(
+        "--phases",
+        default=",".join(DEFAULT_PHASES),
+        help=f"comma separated, of {','.join(PHASES)} (rss is long: not in the default)",
+    )
+    parser.add_argument(
+        "--rss-rounds", type=int, default=10000, help="rounds of the rss phase (sustained)"
+    )
+    parser.add_argument(
+        "--rss-every", type=int, default=1000, help="rounds between RSS samples (rss phase)"
+    )
+    parser.add_argument("--rss-limit", type=float, default=360.0, help="s: bound of the rss phase")
     parser.add_argument(
         "--phase-limit",
         type=float,
