@@ -125,7 +125,7 @@ def _is_hostname(text: str) -> bool:
     if not 1 <= len(text) <= 253:
         return False
     labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
-    return all(_HOST_LABEL_RE.match(label) for label in labels)
+    return all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
 
 
 def _normalise_address(text: str) -> str | None:
@@ -147,7 +147,7 @@ def _normalise_address(text: str) -> str | None:
 
 
 def _parse_port(text: str) -> int | None:
-    if not _PORT_RE.match(text):
+    if not _PORT_RE.fullmatch(text):
         return None
     port = int(text)
     return port if 1 <= port <= 65535 else None
@@ -424,7 +424,7 @@ def _parse_peer(item: Any, index: int, line: int, problems: _Problems) -> _PeerE
         if not section.has(key):
             section.missing(key)
     node_id = section.text("node_id")
-    if node_id is not None and not NODE_ID_RE.match(node_id):
+    if node_id is not None and not NODE_ID_RE.fullmatch(node_id):
         section.error("node_id", f"must match {NODE_ID_RE.pattern}; got {node_id!r}")
         node_id = None
     address = section.text("address")
@@ -442,7 +442,7 @@ def _parse_peer(item: Any, index: int, line: int, problems: _Problems) -> _PeerE
     fingerprint = section.text("fingerprint")
     if fingerprint is not None:
         fingerprint = fingerprint.replace(":", "").lower()
-        if not _FINGERPRINT_RE.match(fingerprint):
+        if not _FINGERPRINT_RE.fullmatch(fingerprint):
             section.error("fingerprint", "must be a SHA-256 fingerprint: 64 hex characters")
     endpoint = (address, port) if address is not None and port is not None else None
     peer = None
@@ -746,7 +746,7 @@ def _settings_from_yaml(path: Path, problems: _Problems) -> dict[str, Any]:
     values: dict[str, Any] = {"observer": _observer_from_yaml(top, base)}
     node_id = top.text("node_id")
     if node_id is not None:
-        if NODE_ID_RE.match(node_id):
+        if NODE_ID_RE.fullmatch(node_id):
             values["node_id"] = node_id
         else:
             top.error("node_id", f"must match {NODE_ID_RE.pattern}; got {node_id!r}")
@@ -825,7 +825,7 @@ class _Layers:
 
 def _node_id_value(value: Any) -> str:
     text = str(value).strip()
-    if not NODE_ID_RE.match(text):
+    if not NODE_ID_RE.fullmatch(text):
         raise ValueError(f"node id must match {NODE_ID_RE.pattern}; got {text!r}")
     return text
 

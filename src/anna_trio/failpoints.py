@@ -46,7 +46,7 @@ _armed: dict[str, Action] = {}
 
 
 def parse_action(text: str) -> Action:
-    match = _ACTION_RE.match(text.strip())
+    match = _ACTION_RE.fullmatch(text.strip())
     if not match:
         raise ConfigError(
             f"failpoint action {text.strip()!r}: expected off, error, exit, corrupt or sleep(MS)"

@@ -1,5 +1,9 @@
 """Wire and domain models: frozen attrs classes plus their strict parsers.
 
+Patterns are applied with `fullmatch`: `$` alone also accepts a trailing newline, and
+`bytes.fromhex` skips it, so a signature with "\n" appended would verify as a
+*different* observation — forged evidence against an honest node.
+
 Parsing is hand-written rather than generic so that every rejection names the
 field that is wrong; unknown fields are rejected (SPEC §3).
 """
@@ -106,7 +110,7 @@ def format_utc(moment: datetime) -> str:
 
 def _require_str(data: dict[str, Any], key: str, pattern: re.Pattern[str]) -> str:
     value = data[key]
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise ObservationError(f"{key}: must match {pattern.pattern}")
     return value
 
@@ -123,6 +127,8 @@ def _require_int(data: dict[str, Any], key: str, low: int, high: int) -> int:
 def _require_unit_float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ObservationError(f"{name}: must be a number")
+    if isinstance(value, int) and not 0 <= value <= 1:  # before float(): 10**400 overflows
+        raise ObservationError(f"{name}: must be a finite number in [0, 1]")
     number = float(value)
     if not math.isfinite(number) or not 0.0 <= number <= 1.0:
         raise ObservationError(f"{name}: must be a finite number in [0, 1]")
@@ -148,7 +154,7 @@ def parse_observation(data: Any) -> Observation:
     if not isinstance(flags, list) or len(flags) > MAX_BIAS_FLAGS:
         raise ObservationError(f"bias_flags: must be a list of at most {MAX_BIAS_FLAGS}")
     for flag in flags:
-        if not isinstance(flag, str) or not BIAS_FLAG_RE.match(flag):
+        if not isinstance(flag, str) or not BIAS_FLAG_RE.fullmatch(flag):
             raise ObservationError(f"bias_flags: each must match {BIAS_FLAG_RE.pattern}")
     if len(set(flags)) != len(flags):
         raise ObservationError("bias_flags: must be unique")

@@ -77,8 +77,8 @@ def _read_measurement_file(path: Path) -> Measurement | None:
     if not all(0.0 <= v <= 1.0 for v in [*values, overall]):
         log.warning("observer file %s: TIS values outside [0, 1], not contributing", path)
         return None
-    if not (HASH_RE.match(forecast) and HASH_RE.match(outcome)) or not all(
-        isinstance(f, str) and BIAS_FLAG_RE.match(f) for f in flags
+    if not (HASH_RE.fullmatch(forecast) and HASH_RE.fullmatch(outcome)) or not all(
+        isinstance(f, str) and BIAS_FLAG_RE.fullmatch(f) for f in flags
     ):
         log.warning("observer file %s: bad hashes or bias flags, not contributing", path)
         return None

@@ -223,7 +223,7 @@ def issue_cert(
     usable for server and client auth. Existing files are replaced atomically (renewal).
     `not_before` / `not_after` override the validity period (tests make expired ones).
     """
-    if not NODE_ID_RE.match(node_id):
+    if not NODE_ID_RE.fullmatch(node_id):
         raise CertificateError(f"node id {node_id!r} must match {NODE_ID_RE.pattern}")
     if not sans:
         raise CertificateError("at least one SAN (the address peers dial) is required")

@@ -103,7 +103,7 @@ def run_issue(args: argparse.Namespace) -> int:
     from ..models import NODE_ID_RE
     from ..tls import CertificateError, fingerprint, issue_cert
 
-    if not NODE_ID_RE.match(args.node_id):
+    if not NODE_ID_RE.fullmatch(args.node_id):
         return _fail(f"--node-id {args.node_id!r} must match {NODE_ID_RE.pattern}", EXIT_USAGE)
     if args.days < 1:
         return _fail(f"--days must be at least 1, got {args.days}", EXIT_USAGE)

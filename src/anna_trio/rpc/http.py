@@ -180,7 +180,7 @@ class HttpServer:
                 )
                 await _drain(stream)
                 return
-            response = await self._handler(request)
+            response = await self._answer(request)
             await self._send(stream, conn, response)
             if conn.our_state is h11.MUST_CLOSE or self._closing:
                 return
@@ -188,6 +188,19 @@ class HttpServer:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
                 return
+
+    async def _answer(self, request: Request) -> Response:
+        """The listener outlives any handler: an unexpected exception is a logged 500, not
+        the end of the daemon; a HEAD answer keeps its headers and drops its body (h11
+        refuses to send one)."""
+        try:
+            response = await self._handler(request)
+        except Exception:
+            log.exception("unhandled error answering %s %s", request.method, request.path)
+            response = error_response(500, "internal_error", "internal server error")
+        if request.method == "HEAD":
+            response = attrs.evolve(response, body=b"")
+        return response
 
     async def _next_request(
         self, stream: trio.abc.Stream, conn: h11.Connection

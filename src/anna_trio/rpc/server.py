@@ -14,7 +14,6 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import attrs
 import trio
 
 from .. import failpoints
@@ -46,20 +45,6 @@ def _dispatch(routes: dict[str, dict[str, Route]], request: Request) -> Route | 
         allowed = ", ".join(sorted(methods))
         return error_response(405, "method_not_allowed", f"{request.path} accepts {allowed}")
     return route
-
-
-async def _answer(route: Route, request: Request) -> Response:
-    """The listener outlives any route: an unexpected exception is a logged 500 (the
-    HTTP server would otherwise let it end the daemon), and a HEAD answer has no body
-    (h11 refuses to send one, which also ended the daemon)."""
-    try:
-        response = await route(request)
-    except Exception:
-        log.exception("unhandled error answering %s %s", request.method, request.path)
-        response = error_response(500, "internal_error", "internal server error")
-    if request.method == "HEAD":
-        response = attrs.evolve(response, body=b"")
-    return response
 
 
 def _decode_json(request: Request) -> Any:
@@ -111,9 +96,6 @@ class RpcServer:
 
     async def handle(self, request: Request) -> Response:
         """The HTTP server's handler: rate limit, route, answer."""
-        return await _answer(self._handle, request)
-
-    async def _handle(self, request: Request) -> Response:
         if request.client not in self.exempt_addresses:
             wait = self._buckets.allow(request.client, trio.current_time())
             if wait > 0:
@@ -263,9 +245,6 @@ class MetricsServer:
         }
 
     async def handle(self, request: Request) -> Response:
-        return await _answer(self._handle, request)
-
-    async def _handle(self, request: Request) -> Response:
         if request.path.startswith(self.FAILPOINT_PREFIX):
             return await self._failpoint(request)
         route = _dispatch(self._routes, request)
