@@ -82,6 +82,7 @@ CONSENSUS_LOG_RE = re.compile(
     r"^(?P<stamp>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(?P<ms>\d{3}) INFO consensus reached for (?P<round>\S+):"
 )
 PHASE_TIMEOUT = 120.0
+STALL_AFTER = 15.0  # s without a round finishing everywhere: the phase stops and says so
 METRICS_POLL = 0.05  # s between /metrics scrapes while counting completed rounds
 
 
@@ -100,7 +101,9 @@ class LocalCluster:
         running: int,
         use_tls: bool,
         round_timeout: float,
+        switch_interval_ms: float | None = None,
     ) -> None:
+        self.switch_interval_ms = switch_interval_ms
         self.layout = testnet.free_layout(
             root / name, validators, tls=use_tls, round_timeout=round_timeout
         )
@@ -119,8 +122,21 @@ class LocalCluster:
             self.layout.node_dir(1) / "peers.yml", node_id=None, check_tls_files=False
         )
         self.ssl = tls.client_context(config.tls) if config.tls.enabled else None
+        env = self._experiment_env()
         for ep in self.endpoints:
-            self.processes[ep.n] = testnet.start_node(self.layout, ep)
+            self.processes[ep.n] = testnet.start_node(self.layout, ep, env)
+
+    def _experiment_env(self) -> dict[str, str] | None:
+        """A sitecustomize setting the daemons' GIL switch interval (an A/B knob, not a fix)."""
+        if self.switch_interval_ms is None:
+            return None
+        site = self.layout.directory / "_site"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(
+            f"import sys\nsys.setswitchinterval({self.switch_interval_ms / 1e3!r})\n"
+        )
+        path = os.environ.get("PYTHONPATH")
+        return {"PYTHONPATH": f"{site}{os.pathsep}{path}" if path else str(site)}
 
     def stop(self) -> None:
         """SIGTERM every annad we started, SIGKILL what is left after 10 s; not interruptible."""
@@ -307,8 +323,8 @@ async def phase_latency(
             return None
 
         for i in range(5):  # warm-up: connections, caches, first-time code paths
-            await one_round(f"{prefix}_warm_{i:03d}")
-        overhead = await measure_poll_overhead(cluster, pollers, f"{prefix}_warm_000")
+            await one_round(f"{prefix}_-warm_{i:03d}")
+        overhead = await measure_poll_overhead(cluster, pollers, f"{prefix}_-warm_000")
         async with PhaseMeter(cluster) as meter:
             with trio.move_on_after(time_limit):
                 for i in range(rounds):
@@ -373,6 +389,10 @@ class CompletionCounter:
             self._done[ep.n] = 0.0
 
     @property
+    def per_node(self) -> dict[int, int]:
+        return {n: int(done) for n, done in self._done.items()}
+
+    @property
     def everywhere(self) -> int:
         return int(min(self._done.values()))
 
@@ -405,26 +425,35 @@ async def phase_sustained(
     counter = CompletionCounter(cluster)
     await counter.baseline()
     started = 0
-    start_errors = 0
+    refused = 0  # starts answered with an error: those rounds never run
+    start_statuses: dict[str, int] = {}
     finished_at: float | None = None
+    stalled = False
     rss_samples: list[dict[str, Any]] = []
 
     async def starter() -> None:
-        nonlocal started, start_errors
+        nonlocal started, refused
         client = cluster.rpc_client(1)
         try:
             while started < total:
-                while started - counter.everywhere >= in_flight:
+                while started - refused - counter.everywhere >= in_flight:
                     await counter.changed.wait()
                 if started >= total:
                     return
                 round_id = f"{prefix}_{started:06d}"
                 started += 1
-                response = await client.request(
-                    "POST", "/rpc/round/start", json_body={"round_id": round_id}
-                )
-                if response.status != 202:
-                    start_errors += 1
+                while True:
+                    response = await client.request(
+                        "POST", "/rpc/round/start", json_body={"round_id": round_id}
+                    )
+                    key = str(response.status)
+                    start_statuses[key] = start_statuses.get(key, 0) + 1
+                    if response.status == 202:
+                        break
+                    if response.status not in (429, 503):
+                        refused += 1
+                        break
+                    await trio.sleep(0.05)  # shed: try the same round again
         finally:
             await client.aclose()
 
@@ -437,8 +466,18 @@ async def phase_sustained(
                     nursery.start_soon(starter)
                 last_report = 0
                 next_sample = rss_every
-                while counter.everywhere < total:
+                last_count, last_progress = 0, time.monotonic()
+                while counter.everywhere < total - refused:
                     await counter.changed.wait()
+                    if counter.everywhere != last_count:
+                        last_count, last_progress = counter.everywhere, time.monotonic()
+                    elif time.monotonic() - last_progress > STALL_AFTER:
+                        stalled = True
+                        progress(
+                            f"  stalled at {last_count} rounds; started {started},"
+                            f" per node {counter.per_node}; start answers {start_statuses}"
+                        )
+                        break
                     if rss_every and counter.everywhere >= next_sample:
                         rss_samples.append({"rounds": counter.everywhere, **cluster.rss()})
                         next_sample += rss_every
@@ -457,8 +496,9 @@ async def phase_sustained(
         "in_flight": in_flight,
         "finished_everywhere": done,
         "failed_node_rounds": failed,
-        "start_errors": start_errors,
-        "timed_out": finished_at is None,
+        "start_statuses": start_statuses,
+        "stalled": stalled,
+        "timed_out": finished_at is None or stalled,
         "rounds_per_s": round(done / meter.wall, 1),
         **({"rss_mib_samples": rss_samples} if rss_every else {}),
         **meter.report(done),
@@ -591,6 +631,8 @@ async def run_cluster_phases(
     await trio.sleep(1.0)  # peer links connect, first anti-entropy pulls settle
     result: dict[str, Any] = {"rss_mib_idle": cluster.rss()}
     tag = "tls" if cluster.use_tls else "plain"
+    # Round ids sort in phase order: at capacity (1000 retained rounds) a node stores
+    # nothing for a round id older than every retained one, though the start answers 202.
     if "latency" in phases:
         progress(
             f"[{tag}, {len(cluster.running)} nodes] round latency: {args.rounds} sequential rounds"
@@ -598,7 +640,7 @@ async def run_cluster_phases(
         result["round_latency"] = await phase_latency(
             cluster,
             args.rounds,
-            f"lat_{tag}",
+            f"p1_lat_{tag}",
             args.poll_interval / 1e3,
             args.poll_after / 1e3,
             args.phase_limit,
@@ -612,7 +654,7 @@ async def run_cluster_phases(
             cluster,
             args.sustained_rounds,
             args.in_flight,
-            f"sus_{tag}",
+            f"p2_sus_{tag}",
             args.starters,
             args.phase_limit,
         )
@@ -625,7 +667,7 @@ async def run_cluster_phases(
             cluster,
             args.rss_rounds,
             args.in_flight,
-            f"rss_{tag}",
+            f"p3_rss_{tag}",
             args.starters,
             args.rss_limit,
             rss_every=args.rss_every,
@@ -673,6 +715,7 @@ def with_cluster(
     running: int,
     use_tls: bool,
     round_timeout: float,
+    switch_interval_ms: float | None = None,
 ) -> dict[str, Any]:
     """Start a cluster, run `body(cluster, *body_args)` under trio, always stop it."""
     cluster = LocalCluster(
@@ -682,6 +725,7 @@ def with_cluster(
         running=running,
         use_tls=use_tls,
         round_timeout=round_timeout,
+        switch_interval_ms=switch_interval_ms,
     )
     progress(f"starting {name}: {running} annad ({validators} validators), tls={use_tls}")
     try:
@@ -765,6 +809,11 @@ def main() -> int:
         "--compare-tls", action="store_true", help="run the phases plain and with mTLS; ratio"
     )
     parser.add_argument("--dir", type=Path, help="keep the clusters' folders here")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        help="ms: the daemons' sys.setswitchinterval (experiment; Python's default is 5)",
+    )
     args = parser.parse_args()
     phases = [p for p in args.phases.split(",") if p]
     if unknown := set(phases) - set(PHASES):
@@ -800,6 +849,7 @@ def main() -> int:
                     running=args.nodes,
                     use_tls=use_tls,
                     round_timeout=testnet.ROUND_TIMEOUT,
+                    switch_interval_ms=args.switch_interval,
                 )
             if "submit" in phases:
                 run["submit"] = with_cluster(
@@ -812,6 +862,7 @@ def main() -> int:
                     running=args.nodes,
                     use_tls=use_tls,
                     round_timeout=600.0,
+                    switch_interval_ms=args.switch_interval,
                 )
             report["runs"].append(run)
     if args.compare_tls and "latency" in phases:
