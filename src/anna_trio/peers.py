@@ -170,9 +170,7 @@ class PeerLink:
             return False
         try:
             payload = response.json()
-        except (PeerError, RecursionError):
-            # RecursionError: JSON nested past the parser's limit. A peer answering that
-            # must cost this link one pull, not crash the daemon through the nursery.
+        except PeerError:
             return False
         await self._node.ingest(payload)
         return True

@@ -94,7 +94,7 @@ class Response:
         """Decode the body as JSON; a peer answering junk is a PeerError."""
         try:
             return json.loads(self.body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
             raise PeerError("invalid JSON from peer") from exc
 
 
