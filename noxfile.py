@@ -9,8 +9,6 @@ import nox
 nox.options.sessions = ["lint", "tests", "chaos"]
 nox.options.reuse_existing_virtualenvs = True
 
-TEST_DEPS = [".[test]"]
-
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
