@@ -34,6 +34,7 @@ from .state.lock import StateDirLock
 from .state.migration import audit_floor_from_state, migrate_state
 from .state.statefile import StateFile
 from .store import Store
+from .tls import ReloadableServerContext, client_context
 
 log = logging.getLogger("anna.daemon")
 
@@ -66,9 +67,7 @@ class Daemon:
         self.settings = settings
         self.metrics = Metrics(settings.node_id)
         self.ready = False
-        self._shutdown = trio.Event()
-        self._reload_lock = trio.Lock()
-        self._server_tls: Any = None
+        self._server_tls: ReloadableServerContext | None = None
         self._last_heartbeat = time.monotonic()
 
     async def run(self) -> None:
@@ -200,16 +199,13 @@ class Daemon:
     def _make_server_tls(self, config: ClusterConfig) -> ssl.SSLContext | None:
         if not config.tls.enabled:
             return None
-        from .tls import ReloadableServerContext
-
         self._server_tls = ReloadableServerContext(
             config.tls,
             on_handshake_failure=lambda reason: self.metrics.tls_handshake_failures.labels(
                 "server", reason
             ).inc(),
         )
-        context: ssl.SSLContext = self._server_tls.context
-        return context
+        return self._server_tls.context
 
     def _write_pid(self) -> None:
         path = self.settings.pid_file
@@ -221,71 +217,71 @@ class Daemon:
     async def _reload(
         self, node: Node, supervisor: PeerSupervisor, rpc: RpcServer, audit: AuditLog
     ) -> None:
-        """Validate-then-swap (SPEC §6); the last good config stays on any error."""
-        async with self._reload_lock:
-            systemd.notify("RELOADING=1")
-            now = format_utc(datetime.now(UTC))
-            old = node.config
-            try:
-                new = await trio.to_thread.run_sync(load_config_for, self.settings)
-                refusal = self_port_change(old, new, self.settings.node_id)
-                if refusal:
-                    raise ConfigError(refusal)
-                if new.tls.enabled != old.tls.enabled:
-                    raise ConfigError("restart required: tls.enabled changed")
-                exempt = await trio.to_thread.run_sync(_resolve_addresses, new)
-            except ConfigError as exc:
-                reason = "; ".join(exc.problems)
-                log.error("reload failed, keeping the last good config: %s", reason)
-                self.metrics.peer_reloads.labels("failure").inc()
-                self.metrics.config_last_reload_successful.set(0)
-                node.reload_status.result, node.reload_status.at, node.reload_status.error = (
-                    "failure",
-                    now,
-                    reason,
-                )
-                await trio.to_thread.run_sync(
-                    lambda: audit.append(
-                        "peer_reload", {"result": "failure", "error": reason}, durable=True
-                    )
-                )
-                systemd.notify("READY=1")
-                return
-            added, removed, changed = diff_peers(old, new)
+        """Validate-then-swap (SPEC §6); the last good config stays on any error.
+
+        Runs from the signal loop, so reloads never overlap (Prometheus' one-loop rule).
+        """
+        systemd.notify("RELOADING=1")
+        now = format_utc(datetime.now(UTC))
+        old = node.config
+        try:
+            new = await trio.to_thread.run_sync(load_config_for, self.settings)
+            refusal = self_port_change(old, new, self.settings.node_id)
+            if refusal:
+                raise ConfigError(refusal)
+            if new.tls.enabled != old.tls.enabled:
+                raise ConfigError("restart required: tls.enabled changed")
+            exempt = await trio.to_thread.run_sync(_resolve_addresses, new)
+            # Build both TLS contexts before swapping anything: all or nothing.
+            _client_tls(new)
             if self._server_tls is not None:
                 self._server_tls.update(new.tls)
-            node.apply_config(new)
-            rpc.set_limits(new.limits, exempt)
-            # New client certificates only reach peers through new connections.
-            restart = set(changed) if new.tls == old.tls else {p.node_id for p in new.peers}
-            await supervisor.apply(new, changed=restart)
-            self.metrics.peer_reloads.labels("success").inc()
-            self.metrics.config_last_reload_successful.set(1)
+        except (ConfigError, OSError, ValueError) as exc:
+            reason = "; ".join(exc.problems) if isinstance(exc, ConfigError) else str(exc)
+            log.error("reload failed, keeping the last good config: %s", reason)
+            self.metrics.peer_reloads.labels("failure").inc()
+            self.metrics.config_last_reload_successful.set(0)
             node.reload_status.result, node.reload_status.at, node.reload_status.error = (
-                "success",
+                "failure",
                 now,
-                None,
+                reason,
             )
-            node.mark_state_dirty()
-            if new.allow_insecure_peers:
-                log.warning(INSECURE_WARNING)
-            log.info("reload applied: added %s, removed %s, changed %s", added, removed, changed)
             await trio.to_thread.run_sync(
                 lambda: audit.append(
-                    "peer_reload",
-                    {"result": "success", "added": added, "removed": removed, "changed": changed},
-                    durable=True,
+                    "peer_reload", {"result": "failure", "error": reason}, durable=True
                 )
             )
             systemd.notify("READY=1")
+            return
+        added, removed, changed = diff_peers(old, new)
+        node.apply_config(new)
+        rpc.set_limits(new.limits, exempt)
+        # Links renew their connections with new TLS settings themselves; only peers whose
+        # entry changed restart, so requests in flight to the others are not dropped.
+        await supervisor.apply(new, changed=set(changed))
+        self.metrics.peer_reloads.labels("success").inc()
+        self.metrics.config_last_reload_successful.set(1)
+        node.reload_status.result, node.reload_status.at, node.reload_status.error = (
+            "success",
+            now,
+            None,
+        )
+        node.mark_state_dirty()
+        if new.allow_insecure_peers:
+            log.warning(INSECURE_WARNING)
+        log.info("reload applied: added %s, removed %s, changed %s", added, removed, changed)
+        await trio.to_thread.run_sync(
+            lambda: audit.append(
+                "peer_reload",
+                {"result": "success", "added": added, "removed": removed, "changed": changed},
+                durable=True,
+            )
+        )
+        systemd.notify("READY=1")
 
 
 def _client_tls(config: ClusterConfig) -> ssl.SSLContext | None:
-    if not config.tls.enabled:
-        return None
-    from .tls import client_context
-
-    return client_context(config.tls)
+    return client_context(config.tls) if config.tls.enabled else None
 
 
 def run_daemon(settings: Settings) -> None:
