@@ -40,6 +40,7 @@ from .store import Statement, Store
 log = logging.getLogger("anna.node")
 
 STATUS_ROUNDS = 100
+RETAINED_ROUNDS = 1000
 SYNC_ROUNDS = 100
 AVERAGE_WINDOW = 100
 MAX_BATCH_ITEMS = 256
@@ -99,10 +100,12 @@ class Node:
         metrics: Metrics,
         observer: Observer,
         state_file: StateFile | None,
+        retain_rounds: int = RETAINED_ROUNDS,
     ) -> None:
         self.node_id = node_id
         self._key = key
         self._round_timeout = round_timeout
+        self._retain_rounds = retain_rounds
         self.store = store
         self._audit = audit
         self._ids = ids
@@ -134,6 +137,7 @@ class Node:
             deviation_threshold=config.byzantine_deviation_threshold,
             window_count=config.byzantine_window_count,
             round_timeout=self._round_timeout,
+            retain_rounds=self._retain_rounds,
         )
 
     def _apply_config_keys(self, config: ClusterConfig) -> None:
@@ -152,7 +156,7 @@ class Node:
 
     def restore(self) -> None:
         """Replay the store into a fresh engine (start-up, before any listener opens)."""
-        data = self.store.load(keep_rounds=1000)
+        data = self.store.load(keep_rounds=self._retain_rounds)
         now = trio.current_time()
         for round_id, window in data.rounds:
             self.engine.open_round(round_id, window, now)
@@ -362,11 +366,13 @@ class Node:
 
     # --- rounds ----------------------------------------------------------------------------
 
-    async def start_round(self, round_id: str | None, window_hours: int) -> str:
-        """Start (idempotently) a round here and on every peer."""
+    async def start_round(self, round_id: str | None, window_hours: int) -> str | None:
+        """Start (idempotently) a round here and on every peer; None when it is too old to keep."""
         if round_id is None:
             round_id = self._fresh_round_id()
         events = self.engine.open_round(round_id, window_hours, trio.current_time())
+        if any(isinstance(event, ev.RoundTooOld) for event in events):
+            return None
         await self._commit_events(events)
         self.outbox.broadcast("rounds", {"round_id": round_id, "window_hours": window_hours})
         return round_id
@@ -439,6 +445,11 @@ class Node:
     ) -> None:
         metrics = self.metrics
         match event:
+            case ev.RoundPruned(round_id=round_id):
+                # The engine forgot it; the store still holds our signed observation, so
+                # forgetting it here too cannot lead to signing the round twice.
+                self._own.pop(round_id, None)
+                self._own_started.discard(round_id)
             case ev.RoundOpened(round_id=round_id):
                 view = self.engine.round(round_id)
                 window = view.window_hours if view else 24

@@ -175,6 +175,10 @@ class RpcServer:
         if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 8760:
             return error_reply(422, "invalid_window", "window_hours must be an integer 1..8760")
         started = await self.node.start_round(round_id, window)
+        if started is None:
+            return error_reply(
+                409, "round_too_old", f"round {round_id!r} sorts before every round this node keeps"
+            )
         return Reply(202, {"success": True, "round_id": started})
 
     async def _status(self, request: Request) -> Response:
