@@ -9,7 +9,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _SAMPLE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
@@ -168,3 +169,37 @@ def stop_processes(processes: Sequence[subprocess.Popen[bytes]], grace: float = 
 def exit_on_sigterm(signum: int, frame: object) -> None:
     """`timeout` or a CI runner stopping a benchmark must still stop what it started."""
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+class CpuMeter:
+    """Wall time and CPU over one phase: the measured processes', this script's, and the
+    rest of the host's (other work skews every figure, so each phase reports it)."""
+
+    def __init__(self, cpu: Callable[[], float], label: str, unit: str) -> None:
+        self._cpu = cpu
+        self._label = label
+        self._unit = unit
+
+    def __enter__(self) -> CpuMeter:
+        self._start = (self._cpu(), time.process_time(), host_busy_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        cpu, bench, host, wall = self._start
+        self.wall = time.perf_counter() - wall
+        self.cpu = self._cpu() - cpu
+        self.bench_cpu = time.process_time() - bench
+        self.host_busy = host_busy_seconds() - host
+
+    def report(self, units: int) -> dict[str, Any]:
+        label = self._label
+        return {
+            "wall_s": round(self.wall, 3),
+            f"{label}_cpu_s": round(self.cpu, 3),
+            f"{label}_cpu_ms_per_{self._unit}": round(self.cpu / max(units, 1) * 1e3, 3),
+            f"{label}_cpu_cores_busy": round(self.cpu / self.wall, 2),
+            "bench_cpu_s": round(self.bench_cpu, 3),
+            "other_cpu_cores_busy": round(
+                max(0.0, self.host_busy - self.cpu - self.bench_cpu) / self.wall, 2
+            ),
+        }

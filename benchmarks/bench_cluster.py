@@ -43,12 +43,12 @@ from typing import Any
 
 import trio
 from _common import (
+    CpuMeter,
     bucket_delta,
     cpu_seconds,
     exit_on_sigterm,
     histogram_buckets,
     histogram_summary_ms,
-    host_busy_seconds,
     parse_samples,
     progress,
     rss_mib,
@@ -190,24 +190,20 @@ def merged_histogram(scrapes: list[list[Any]], name: str) -> dict[float, float]:
 
 
 class PhaseMeter:
-    """Daemon CPU, bench CPU, wall time and the nodes' own histograms over one phase."""
+    """CpuMeter over one phase plus the nodes' own histograms, scraped before and after."""
 
     def __init__(self, cluster: LocalCluster) -> None:
         self._cluster = cluster
+        self._cpu = CpuMeter(cluster.cpu, "daemon", "round")
 
     async def __aenter__(self) -> PhaseMeter:
         self.before = await scrape_all(self._cluster)
-        self._daemon_cpu = self._cluster.cpu()
-        self._bench_cpu = time.process_time()
-        self._host_busy = host_busy_seconds()
-        self._wall = time.perf_counter()
+        self._cpu.__enter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.wall = time.perf_counter() - self._wall
-        self.daemon_cpu = self._cluster.cpu() - self._daemon_cpu
-        self.bench_cpu = time.process_time() - self._bench_cpu
-        self.host_busy = host_busy_seconds() - self._host_busy
+        self._cpu.__exit__()
+        self.wall = self._cpu.wall
         self.after = await scrape_all(self._cluster)
 
     def histogram(self, name: str) -> dict[str, float | None]:
@@ -217,15 +213,7 @@ class PhaseMeter:
 
     def report(self, units: int) -> dict[str, Any]:
         return {
-            "wall_s": round(self.wall, 3),
-            "daemon_cpu_s": round(self.daemon_cpu, 3),
-            "daemon_cpu_ms_per_round": round(self.daemon_cpu / max(units, 1) * 1e3, 3),
-            "daemon_cpu_cores_busy": round(self.daemon_cpu / self.wall, 2),
-            "bench_cpu_s": round(self.bench_cpu, 3),
-            # CPU that neither the daemons nor this script used: other work on the host
-            "other_cpu_cores_busy": round(
-                max(0.0, self.host_busy - self.daemon_cpu - self.bench_cpu) / self.wall, 2
-            ),
+            **self._cpu.report(units),
             "peer_request_latency": self.histogram("anna_peer_request_duration_seconds"),
             "node_round_duration": self.histogram("anna_round_duration_seconds"),
         }

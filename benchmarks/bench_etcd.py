@@ -41,9 +41,9 @@ from typing import Any
 
 import trio
 from _common import (
+    CpuMeter,
     cpu_seconds,
     exit_on_sigterm,
-    host_busy_seconds,
     progress,
     rss_mib,
     stop_processes,
@@ -214,38 +214,6 @@ async def wait_ready(cluster: EtcdCluster) -> int:
     raise RuntimeError("no etcd leader")
 
 
-class Meter:
-    """etcd CPU, bench CPU, wall time and other work on the host over one phase."""
-
-    def __init__(self, cluster: EtcdCluster) -> None:
-        self._cluster = cluster
-
-    def __enter__(self) -> Meter:
-        self._etcd_cpu = self._cluster.cpu()
-        self._bench_cpu = time.process_time()
-        self._host_busy = host_busy_seconds()
-        self._wall = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall = time.perf_counter() - self._wall
-        self.etcd_cpu = self._cluster.cpu() - self._etcd_cpu
-        self.bench_cpu = time.process_time() - self._bench_cpu
-        self.host_busy = host_busy_seconds() - self._host_busy
-
-    def report(self, units: int) -> dict[str, Any]:
-        return {
-            "wall_s": round(self.wall, 3),
-            "etcd_cpu_s": round(self.etcd_cpu, 3),
-            "etcd_cpu_ms_per_put": round(self.etcd_cpu / max(units, 1) * 1e3, 3),
-            "etcd_cpu_cores_busy": round(self.etcd_cpu / self.wall, 2),
-            "bench_cpu_s": round(self.bench_cpu, 3),
-            "other_cpu_cores_busy": round(
-                max(0.0, self.host_busy - self.etcd_cpu - self.bench_cpu) / self.wall, 2
-            ),
-        }
-
-
 async def poll_until_present(client: HttpClient, key: str, interval: float) -> float:
     """perf_counter() when this member's own applied state first holds `key`."""
     body = {"key": key, "serializable": True, "keys_only": True}
@@ -288,7 +256,7 @@ async def phase_latency(
                 begun = time.perf_counter()
                 await call(client, "/v3/kv/range", {"key": b64("lat/warm/0"), "serializable": True})
                 probe_rtts.append(time.perf_counter() - begun)
-        with Meter(cluster) as meter, trio.move_on_after(time_limit):
+        with CpuMeter(cluster.cpu, "etcd", "put") as meter, trio.move_on_after(time_limit):
             for i in range(puts):
                 latencies.append(await one_put(f"lat/{i:06d}"))
                 if (i + 1) % 100 == 0:
@@ -349,7 +317,7 @@ async def phase_sustained(
             await trio.sleep(REVISION_POLL)
 
     try:
-        with Meter(cluster) as meter, trio.move_on_after(time_limit):
+        with CpuMeter(cluster.cpu, "etcd", "put") as meter, trio.move_on_after(time_limit):
             async with trio.open_nursery() as nursery:
                 for m in cluster.members:
                     nursery.start_soon(watch, m)
