@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
-import ipaddress
 import re
 import socket
 import ssl
@@ -20,8 +19,6 @@ import pytest
 import trio
 import trio.testing
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from hypercorn.config import Config
 from hypothesis import given, settings
@@ -29,6 +26,7 @@ from hypothesis import strategies as st
 from quart import request
 from quart_trio import QuartTrio
 
+from anna_trio import tls
 from anna_trio._exceptions import PeerError
 from anna_trio.rpc.client import (
     HttpClient,
@@ -51,75 +49,19 @@ def autojump_clock() -> trio.testing.MockClock:
 
 @attrs.frozen
 class Issued:
-    cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
     cert_path: Path
     key_path: Path
 
     @property
     def pem(self) -> str:
-        return self.cert.public_bytes(serialization.Encoding.PEM).decode()
+        return self.cert_path.read_text()
 
 
-def issue_certificate(
-    directory: Path,
-    common_name: str,
-    *,
-    issuer: Issued | None = None,
-    ip_addresses: tuple[str, ...] = ("127.0.0.1",),
-    dns_names: tuple[str, ...] = (),
-    expired: bool = False,
-) -> Issued:
-    """A CA (issuer None, self-signed) or a leaf signed by `issuer`, written as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    not_before, not_after = (
-        (now - datetime.timedelta(days=10), now - datetime.timedelta(days=1))
-        if expired
-        else (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1))
-    )
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer.cert.subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if issuer is None:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    else:
-        sans: list[x509.GeneralName] = [x509.DNSName(dns) for dns in dns_names]
-        sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = builder.sign(issuer.key if issuer else key, hashes.SHA256())
-    cert_path = directory / f"{common_name}.crt"
-    key_path = directory / f"{common_name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return Issued(cert, key, cert_path, key_path)
+def issue(ca_dir: Path, node_id: str, **options: Any) -> Issued:
+    """A leaf from the project's own issuer (anna_trio.tls), SAN 127.0.0.1 unless given."""
+    options.setdefault("sans", ["127.0.0.1"])
+    cert, key = tls.issue_cert(ca_dir, node_id=node_id, out_dir=ca_dir.parent / "leaves", **options)
+    return Issued(cert, key)
 
 
 @attrs.frozen
@@ -147,17 +89,22 @@ class Pki:
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     directory = tmp_path_factory.mktemp("pki")
-    ca = issue_certificate(directory, "cluster-ca")
-    other_ca = issue_certificate(directory, "other-ca")
+    ca_dir, other_dir = directory / "ca", directory / "other" / "ca"
+    tls.init_ca(ca_dir)
+    tls.init_ca(other_dir)
+    now = datetime.datetime.now(datetime.UTC)
     return Pki(
-        ca=ca,
-        server=issue_certificate(directory, "node-1", issuer=ca),
-        client=issue_certificate(directory, "node-2", issuer=ca),
-        stranger=issue_certificate(directory, "node-x", issuer=other_ca),
-        expired=issue_certificate(directory, "node-old", issuer=ca, expired=True),
-        elsewhere=issue_certificate(
-            directory, "node-far", issuer=ca, ip_addresses=(), dns_names=("elsewhere.test",)
+        ca=Issued(ca_dir / "ca.pem", ca_dir / "ca.key"),
+        server=issue(ca_dir, "node-1"),
+        client=issue(ca_dir, "node-2"),
+        stranger=issue(other_dir, "node-x"),
+        expired=issue(
+            ca_dir,
+            "node-old",
+            not_before=now - datetime.timedelta(days=10),
+            not_after=now - datetime.timedelta(days=1),
         ),
+        elsewhere=issue(ca_dir, "node-far", sans=["elsewhere.test"]),
     )
 
 
