@@ -83,6 +83,17 @@ class Observation:
         }
 
 
+MAX_WINDOW_HOURS = 8760
+
+
+def is_round_id(value: Any) -> bool:
+    return isinstance(value, str) and ROUND_ID_RE.fullmatch(value) is not None
+
+
+def is_window_hours(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WINDOW_HOURS
+
+
 def unix_seconds(timestamp: str) -> int:
     """Integer unix seconds of an RFC 3339 UTC timestamp, fraction dropped."""
     return math.floor(parse_utc_timestamp(timestamp).timestamp())
@@ -162,7 +173,7 @@ def parse_observation(data: Any) -> Observation:
         node_id=_require_str(data, "node_id", NODE_ID_RE),
         audit_id=_require_int(data, "audit_id", 1, 2**63 - 1),
         round_id=_require_str(data, "round_id", ROUND_ID_RE),
-        window_hours=_require_int(data, "window_hours", 1, 8760),
+        window_hours=_require_int(data, "window_hours", 1, MAX_WINDOW_HOURS),
         timestamp=timestamp,
         forecast_hash=_require_str(data, "forecast_hash", HASH_RE),
         outcome_hash=_require_str(data, "outcome_hash", HASH_RE),

@@ -26,11 +26,12 @@ from .consensus import events as ev
 from .consensus.engine import Engine, EngineConfig, RoundView
 from .metrics import Metrics
 from .models import (
-    ROUND_ID_RE,
     ClusterConfig,
     Evidence,
     Observation,
     format_utc,
+    is_round_id,
+    is_window_hours,
     parse_observation,
 )
 from .observer import Observer
@@ -287,9 +288,8 @@ class Node:
         for item in rounds:
             if (
                 isinstance(item, dict)
-                and isinstance(item.get("round_id"), str)
-                and ROUND_ID_RE.fullmatch(item["round_id"])
-                and _valid_window(item.get("window_hours"))
+                and is_round_id(item.get("round_id"))
+                and is_window_hours(item.get("window_hours"))
             ):
                 events += self.engine.open_round(item["round_id"], item["window_hours"], now)
             else:
@@ -647,10 +647,6 @@ def round_view_json(view: RoundView) -> dict[str, Any]:
         "observations": [o.to_dict() for o in sorted(view.observations, key=lambda o: o.node_id)],
         "result_digest": view.result.digest,
     }
-
-
-def _valid_window(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 8760
 
 
 @attrs.frozen

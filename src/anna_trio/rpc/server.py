@@ -19,7 +19,7 @@ import trio
 from .. import failpoints
 from .._exceptions import ConfigError
 from ..metrics import Metrics
-from ..models import ROUND_ID_RE, Limits
+from ..models import ROUND_ID_RE, Limits, is_round_id, is_window_hours
 from ..node import Node, Reply, error_reply
 from .http import Request, Response, error_response, json_response
 from .ratelimit import TokenBuckets, retry_after_header
@@ -166,13 +166,11 @@ class RpcServer:
             return error_reply(422, "invalid_request", "expected {round_id?, window_hours?}")
         round_id = payload.get("round_id")
         window = payload.get("window_hours", 24)
-        if round_id is not None and (
-            not isinstance(round_id, str) or not ROUND_ID_RE.fullmatch(round_id)
-        ):
+        if round_id is not None and not is_round_id(round_id):
             return error_reply(
                 422, "invalid_round_id", f"round_id must match {ROUND_ID_RE.pattern}"
             )
-        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 8760:
+        if not is_window_hours(window):
             return error_reply(422, "invalid_window", "window_hours must be an integer 1..8760")
         started = await self.node.start_round(round_id, window)
         if started is None:
