@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .._exceptions import AnnaError
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for journald/ELK (`--log-format json`)."""
@@ -38,7 +40,6 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from .._exceptions import AnnaError
     from ..config import build_annad_parser, resolve_settings
 
     args = build_annad_parser().parse_args(argv)
@@ -52,19 +53,25 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         run_daemon(settings)
-    except AnnaError as exc:
-        logging.getLogger("anna.daemon").error("exiting: %s", exc)
-        print(f"annad: {_one_line(exc)}", file=sys.stderr)
-        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(0)
-    except BaseException as exc:  # the root nursery failed: exit 1 and let systemd restart us
-        if isinstance(exc, SystemExit):
-            raise
-        logging.getLogger("anna.daemon").critical("unexpected internal error", exc_info=exc)
-        print(f"annad: unexpected internal error: {exc!r}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as exc:
+        error = _deliberate(exc)
+        if error is None:  # the root nursery failed: exit 1 and let systemd restart us
+            logging.getLogger("anna.daemon").critical("unexpected internal error", exc_info=exc)
+            print(f"annad: unexpected internal error: {exc!r}", file=sys.stderr)
+            sys.exit(1)
+        logging.getLogger("anna.daemon").error("exiting: %s", error)
+        print(f"annad: {_one_line(error)}", file=sys.stderr)
+        sys.exit(error.exit_code)
     sys.exit(0)
+
+
+def _deliberate(exc: BaseException) -> AnnaError | None:
+    """The AnnaError behind `exc`, also when a nursery wrapped it alone in a group."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, AnnaError) else None
 
 
 def _one_line(exc: BaseException) -> str:
