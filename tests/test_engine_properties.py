@@ -205,6 +205,10 @@ def test_engine_matches_the_model(data: st.DataObject, scenario: Scenario) -> No
             "Complete" if len(view.result.participating_nodes) >= view.required_quorum else "Failed"
         )
         assert view.status == expected
+        # The cheap accessors the node uses on its hot path agree with the views.
+        assert engine.status_of(view.round_id) == view.status
+        for obs in view.observations:
+            assert engine.observation_of(view.round_id, obs.node_id) == obs
 
 
 @PROPERTY_SETTINGS

@@ -573,6 +573,16 @@ class Engine:
     def round_ids(self) -> list[str]:
         return list(self._ids)
 
+    def status_of(self, round_id: str) -> str | None:
+        """`Pending`, `Complete` or `Failed`; None for a round not retained."""
+        state = self._rounds.get(round_id)
+        return None if state is None else state.status
+
+    def observation_of(self, round_id: str, node_id: str) -> Observation | None:
+        """The observation held from `node_id` for the round, if any (no view built)."""
+        state = self._rounds.get(round_id)
+        return None if state is None else state.held.get(node_id)
+
     @staticmethod
     def _view(state: _Round) -> RoundView:
         return RoundView(
