@@ -117,6 +117,44 @@ async def test_ten_consecutive_rounds_complete_with_zero_drift(cluster: LiveClus
             assert status["byzantine_nodes"] == []
 
 
+RELAY_ROUND_TIMEOUT = 6.0
+
+
+@pytest.fixture
+def relay_cluster(cluster_factory: Callable[..., LiveCluster]) -> LiveCluster:
+    """Five nodes: above three validators observations are relayed by a round's starter."""
+    return cluster_factory(nodes=5, round_timeout=RELAY_ROUND_TIMEOUT)
+
+
+async def test_five_nodes_relay_through_the_starter_and_survive_its_kill9(
+    relay_cluster: LiveCluster,
+) -> None:
+    """Five nodes (gossip relayed by each round's starter): rounds started on every node
+    complete everywhere with identical results; then the starter is killed -9 as soon
+    as its start reached the others (often before it relayed their answers), and the
+    four still complete that round with all five observations before its timeout
+    (anti-entropy, and the early pull of a round still Pending, repair a lost relay)."""
+    cluster = relay_cluster
+    everyone = {f"node_{n:03d}" for n in range(1, 6)}
+    async with cluster.connect() as client:
+        for i in range(10):
+            round_id = f"relay_{i:02d}"
+            await start_round(client, i % 5 + 1, round_id)
+            views = await complete_everywhere(client, round_id, everyone, (1, 2, 3, 4, 5))
+            assert len({v["result_digest"] for v in views.values()}) == 1, views
+        started = trio.current_time()
+        await start_round(client, 1, "relay_starter_killed")
+
+        async def pushed_to_all() -> bool:
+            return all([await client.round(n, "relay_starter_killed") for n in (2, 3, 4, 5)])
+
+        await client.wait_for("the start to reach nodes 2-5", pushed_to_all)
+        assert cluster.kill(1) == -signal.SIGKILL
+        await complete_everywhere(client, "relay_starter_killed", everyone, (2, 3, 4, 5))
+        assert trio.current_time() - started < RELAY_ROUND_TIMEOUT
+        assert await byzantine_everywhere(client, (2, 3, 4, 5)) == set()
+
+
 @pytest.fixture
 def crash_cluster(cluster_factory: Callable[..., LiveCluster]) -> LiveCluster:
     """Nodes 1-3 of a four-validator cluster; node_004 never runs, so its key can sign

@@ -8,9 +8,11 @@ verifies signatures, persists, audits, counts and gossips.
 from __future__ import annotations
 
 import collections
+import contextlib
+import heapq
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol
@@ -46,17 +48,41 @@ SYNC_ROUNDS = 100
 AVERAGE_WINDOW = 100
 MAX_BATCH_ITEMS = 256
 STATE_WRITE_INTERVAL = 0.25
+OWN_ANSWER_WAIT = 0.2
+STUCK_ROUND_FRACTION = 0.25
+RELAY_LINGER = 0.1
+DIRECT_FAN_OUT_MAX_VALIDATORS = 3
+_STUCK, _RELAY = "stuck", "relay"
 
 
 class Outbox(Protocol):
     """Where the node hands what its peers must hear (the peer supervisor)."""
 
-    def broadcast(self, kind: str, item: dict[str, Any]) -> None: ...
+    def broadcast(self, kind: str, item: dict[str, Any], exclude: Collection[str] = ()) -> None: ...
+
+    def pull_soon(self) -> None: ...
 
 
 class _NoPeers:
-    def broadcast(self, kind: str, item: dict[str, Any]) -> None:
+    def broadcast(self, kind: str, item: dict[str, Any], exclude: Collection[str] = ()) -> None:
         pass
+
+    def pull_soon(self) -> None:
+        pass
+
+
+class _OwnAnswer:
+    """Own observations claimed for one message (a gossip answer, a round start's push):
+    `_publish_own` hands them here instead of broadcasting them."""
+
+    def __init__(self, asker: str | None) -> None:
+        self.asker = asker
+        self.carried: dict[str, Observation] = {}
+        self.changed = trio.Event()
+
+    def carry(self, obs: Observation) -> None:
+        self.carried[obs.round_id] = obs
+        self.changed.set()
 
 
 @attrs.frozen
@@ -120,6 +146,10 @@ class Node:
         self._apply_config_keys(config)
         self._own: dict[str, Observation] = {}
         self._own_started: set[str] = set()
+        self._answers: dict[str, _OwnAnswer] = {}
+        self._relaying: set[str] = set()
+        self._relays: dict[str, list[Observation]] = {}
+        self._timers: list[tuple[float, str, str]] = []  # (when, _STUCK or _RELAY, round_id)
         self._completed_tis: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._rounds_completed = 0
         self._audit_lock = trio.Lock()
@@ -202,12 +232,59 @@ class Node:
     async def _deadline_loop(self) -> None:
         while True:
             deadline = self.engine.next_deadline()
-            with trio.move_on_at(deadline if deadline is not None else float("inf")):
+            wake = min(
+                deadline if deadline is not None else float("inf"),
+                self._timers[0][0] if self._timers else float("inf"),
+            )
+            with trio.move_on_at(wake):
                 await self._deadline_changed.wait()
             self._deadline_changed = trio.Event()
-            events = self.engine.expire(trio.current_time())
+            now = trio.current_time()
+            self._run_timers(now)
+            events = self.engine.expire(now)
             if events:
                 await self._commit_events(events)
+
+    def _run_timers(self, now: float) -> None:
+        """Relays that lingered long enough go out. A round still Pending a while after
+        we learned of it missed a relay (its starter died mid-round, an answer was lost):
+        pull from every peer now rather than at the next anti-entropy tick."""
+        stuck = False
+        while self._timers and self._timers[0][0] <= now:
+            _, kind, round_id = heapq.heappop(self._timers)
+            if kind == _RELAY:
+                self._flush_relays(round_id)
+            else:
+                stuck |= self.engine.status_of(round_id) == "Pending"
+        if stuck:
+            self.outbox.pull_soon()
+
+    def _add_timer(self, delay: float, kind: str, round_id: str) -> None:
+        heapq.heappush(self._timers, (trio.current_time() + delay, kind, round_id))
+        self._deadline_changed.set()
+
+    def _direct(self) -> bool:
+        """Whether observations go straight to every peer rather than through the round's
+        starter. Relaying costs N-1 requests against (N-1)(N-2) direct ones, so it only
+        pays above 3 validators; at 3 the requests are equal and direct saves a hop."""
+        return len(self.config.peers) <= DIRECT_FAN_OUT_MAX_VALIDATORS
+
+    def _relay(self, obs: Observation) -> None:
+        """Pass on a peer's observation for a round we started (it came back in the
+        answer to our start). While the round is Pending they are held together
+        (RELAY_LINGER at most), so each peer gets them in one batch, not one per answer;
+        the round closing (every validator in, or its timeout) sends them at once."""
+        held = self._relays.get(obs.round_id)
+        if held is None:
+            held = self._relays[obs.round_id] = []
+            self._add_timer(RELAY_LINGER, _RELAY, obs.round_id)
+        held.append(obs)
+        if self.engine.status_of(obs.round_id) != "Pending":
+            self._flush_relays(obs.round_id)
+
+    def _flush_relays(self, round_id: str) -> None:
+        for obs in self._relays.pop(round_id, ()):
+            self.outbox.broadcast("observations", obs.to_dict(), exclude=(obs.node_id,))
 
     # --- inbound: external submit ----------------------------------------------------
 
@@ -269,8 +346,68 @@ class Node:
 
     # --- inbound: peers ------------------------------------------------------------------
 
+    async def gossip(self, payload: Any) -> Reply:
+        """POST /rpc/gossip: ingest a peer's batch. The answer carries this node's own
+        observations for the rounds the batch names, so the sender (the round's starter)
+        relays them to everyone: about 2(N-1) requests a round instead of N(N-1)."""
+        rounds = payload.get("rounds") if isinstance(payload, dict) else None
+        round_ids = [
+            item["round_id"]
+            for item in (rounds if isinstance(rounds, list) else [])
+            if isinstance(item, dict) and is_round_id(item.get("round_id"))
+        ]
+        asker = payload.get("from") if isinstance(payload, dict) else None
+        with self._claim_own(round_ids, asker if isinstance(asker, str) else None) as answer:
+            reply = await self.ingest(payload)
+            if reply.status != 200:
+                return reply
+            own = await self._own_observations(answer, round_ids)
+        if own:
+            reply.body["observations"] = [obs.to_dict() for obs in own]
+        return reply
+
+    @contextlib.contextmanager
+    def _claim_own(self, round_ids: list[str], asker: str | None) -> Iterator[_OwnAnswer]:
+        """Claim our not yet released observations of these rounds for one message,
+        before anything could sign them (so none is both broadcast and carried)."""
+        answer = _OwnAnswer(asker)
+        claimed = [
+            round_id
+            for round_id in dict.fromkeys(round_ids)
+            if round_id not in self._answers
+            and self.engine.observation_of(round_id, self.node_id) is None
+        ]
+        for round_id in claimed:
+            self._answers[round_id] = answer
+        try:
+            yield answer
+        finally:
+            for round_id in claimed:
+                if self._answers.get(round_id) is answer:
+                    del self._answers[round_id]
+
+    async def _own_observations(
+        self, answer: _OwnAnswer, round_ids: list[str]
+    ) -> list[Observation]:
+        """Our observations for these rounds: released ones, and claimed ones being signed
+        now, waited for at most OWN_ANSWER_WAIT. One released later (a slow observer, the
+        `observation.before_send` failpoint) is broadcast by `_publish_own` instead."""
+        with trio.move_on_after(OWN_ANSWER_WAIT):
+            while any(
+                self._answers.get(round_id) is answer and round_id in self._own_started
+                for round_id in round_ids
+            ):
+                await answer.changed.wait()
+                answer.changed = trio.Event()
+        own = []
+        for round_id in dict.fromkeys(round_ids):
+            obs = answer.carried.get(round_id) or self.engine.observation_of(round_id, self.node_id)
+            if obs is not None:
+                own.append(obs)
+        return own
+
     async def ingest(self, payload: Any) -> Reply:
-        """Batched node-to-node traffic (gossip push and anti-entropy answers)."""
+        """Batched node-to-node traffic (gossip push, gossip answers, anti-entropy answers)."""
         if not isinstance(payload, dict):
             return error_reply(422, "invalid_request", "body must be a JSON object")
         rounds = payload.get("rounds", [])
@@ -373,8 +510,14 @@ class Node:
         events = self.engine.open_round(round_id, window_hours, trio.current_time())
         if any(isinstance(event, ev.RoundTooOld) for event in events):
             return None
-        await self._commit_events(events)
+        if any(isinstance(event, ev.RoundOpened) for event in events) and not self._direct():
+            self._relaying.add(round_id)
+        with self._claim_own([round_id], None) as answer:
+            await self._commit_events(events)
+            own = await self._own_observations(answer, [round_id])
         self.outbox.broadcast("rounds", {"round_id": round_id, "window_hours": window_hours})
+        for obs in own:
+            self.outbox.broadcast("observations", obs.to_dict())
         return round_id
 
     def _fresh_round_id(self) -> str:
@@ -398,6 +541,9 @@ class Node:
             measurement = await self._observer.measure(round_id, window_hours)
             if measurement is None:
                 self.metrics.observer_failures.inc()
+                answer = self._answers.pop(round_id, None)
+                if answer is not None:
+                    answer.changed.set()  # nothing to carry: stop waiting for it
                 return
             obs = crypto.sign_observation(
                 self._key,
@@ -417,9 +563,18 @@ class Node:
         await self._publish_own(obs)
 
     async def _publish_own(self, obs: Observation) -> None:
-        """Send first: the `own` row already made it durable; the observation row can follow."""
+        """Send first: the `own` row already made it durable; the observation row can follow.
+
+        A gossip answer waiting for it carries it back to the round's starter, which
+        relays it; otherwise it goes to every peer."""
         await failpoints.hit_async("observation.before_send")
-        self.outbox.broadcast("observations", obs.to_dict())
+        answer = self._answers.pop(obs.round_id, None)
+        if answer is not None:
+            answer.carry(obs)
+            if answer.asker is not None and self._direct():
+                self.outbox.broadcast("observations", obs.to_dict(), exclude=(answer.asker,))
+        else:
+            self.outbox.broadcast("observations", obs.to_dict())
         events = self.engine.add_observation(obs, trio.current_time())
         await self._commit_events(events)
 
@@ -450,14 +605,19 @@ class Node:
                 # forgetting it here too cannot lead to signing the round twice.
                 self._own.pop(round_id, None)
                 self._own_started.discard(round_id)
+                self._relaying.discard(round_id)
+                self._relays.pop(round_id, None)
             case ev.RoundOpened(round_id=round_id):
                 view = self.engine.round(round_id)
                 window = view.window_hours if view else 24
                 statements.append(Store.round_stmt(round_id, window, time.time()))
                 self._schedule_own(round_id, window)
+                self._add_timer(STUCK_ROUND_FRACTION * self._round_timeout, _STUCK, round_id)
             case ev.Accepted(obs=obs):
                 statements.append(Store.observation_stmt(obs, crypto.observation_digest(obs)))
                 metrics.observations_received.labels("accepted").inc()
+                if obs.round_id in self._relaying and obs.node_id != self.node_id:
+                    self._relay(obs)
             case ev.Duplicate():
                 metrics.observations_received.labels("duplicate").inc()
             case ev.NotAValidator():
@@ -498,6 +658,7 @@ class Node:
             case ev.RoundCompleted(
                 round_id=round_id, result=result, first_time=first, duration=dur
             ):
+                self._flush_relays(round_id)
                 if first:
                     metrics.consensus_rounds.inc()
                     metrics.round_duration.observe(dur)
@@ -516,6 +677,7 @@ class Node:
                 if view and view.status == "Complete" and result.consensus_tis is not None:
                     self._note_completed(round_id, result.consensus_tis)
             case ev.RoundFailed(round_id=round_id):
+                self._flush_relays(round_id)
                 metrics.rounds_failed.inc()
                 log.warning(
                     "round %s failed: quorum not reached before the round timeout", round_id

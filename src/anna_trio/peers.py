@@ -13,7 +13,7 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import attrs
@@ -147,6 +147,17 @@ class PeerLink:
                 attempt += 1
             else:
                 attempt = 0
+                if response.status == 200:
+                    await self._take_answer(response)
+
+    async def _take_answer(self, response: Any) -> None:
+        """The peer's own observations for the rounds we sent it (the node relays them)."""
+        try:
+            answer = response.json()
+        except PeerError:
+            return
+        if isinstance(answer, dict) and answer.get("observations"):
+            await self._node.ingest({"observations": answer["observations"]})
 
     async def _pull_loop(self, client: HttpClient) -> None:
         attempt = 0
@@ -245,10 +256,15 @@ class PeerSupervisor:
             for peer_id, link in sorted(self.links.items())
         ]
 
-    def broadcast(self, kind: str, item: dict[str, Any]) -> None:
+    def broadcast(self, kind: str, item: dict[str, Any], exclude: Collection[str] = ()) -> None:
         encoded = json.dumps(item, separators=(",", ":")).encode()
+        for peer_id, running in self._links.items():
+            if peer_id not in exclude:
+                running.link.enqueue(kind, encoded)
+
+    def pull_soon(self) -> None:
         for running in self._links.values():
-            running.link.enqueue(kind, encoded)
+            running.link.request_pull()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

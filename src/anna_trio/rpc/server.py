@@ -211,7 +211,7 @@ class RpcServer:
     async def _gossip(self, request: Request) -> Response:
         async def work() -> Reply:
             payload = _decode_json(request)
-            return payload if isinstance(payload, Reply) else await self.node.ingest(payload)
+            return payload if isinstance(payload, Reply) else await self.node.gossip(payload)
 
         return await self._guarded(work)
 
