@@ -135,6 +135,9 @@ class Store:
         task_status.started()
         while True:
             await self._wakeup.wait()
+            # One scheduling pass first: tasks woken with the committer (a round's own
+            # signing alongside the gossip that opened it) join this transaction.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             self._wakeup = trio.Event()
             batch, self._pending = self._pending, []
             done, self._batch_done = self._batch_done, trio.Event()
