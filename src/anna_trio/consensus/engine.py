@@ -631,5 +631,9 @@ class Engine:
             missing.extend(held[node] for node in sorted(held) if node not in theirs)
         return missing
 
+    def recent_windows(self, limit_rounds: int) -> list[tuple[str, int]]:
+        """(round_id, window_hours) of our most recent rounds, oldest first."""
+        return [(r, self._rounds[r].window_hours) for r in self._recent(limit_rounds)]
+
     def _recent(self, limit_rounds: int) -> list[str]:
         return self._ids[-limit_rounds:] if limit_rounds > 0 else []
