@@ -209,6 +209,8 @@ def test_engine_matches_the_model(data: st.DataObject, scenario: Scenario) -> No
         assert engine.status_of(view.round_id) == view.status
         for obs in view.observations:
             assert engine.observation_of(view.round_id, obs.node_id) == obs
+    views = engine.rounds()
+    assert engine.recent_windows(len(views)) == [(v.round_id, v.window_hours) for v in views]
 
 
 @PROPERTY_SETTINGS
