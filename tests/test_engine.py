@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from anna_trio.consensus import (
+    ALL_HELD,
     CONFLICTING_OBSERVATIONS,
     EXCESSIVE_DEVIATION,
     Accepted,
@@ -367,6 +370,52 @@ def test_anti_entropy_summary_and_missing_observations() -> None:
     missing = engine.observations_missing_from({"r1": [A]}, 10)
     assert [(o.round_id, o.node_id) for o in missing] == [("r1", B), ("r2", A)]
     assert engine.observations_missing_from({}, 0) == []
+
+
+def test_summary_marks_rounds_holding_every_validator() -> None:
+    """A round with every validator's observation is summarised as ALL_HELD, and an
+    asker's ALL_HELD round gets nothing back for it (even from a responder holding
+    observations of nodes it no longer counts as validators)."""
+    engine = make_engine()
+    feed(engine, "r1", {A: 0.5, B: 0.5, C: 0.5})
+    feed(engine, "r2", {A: 0.5, B: 0.5})
+    assert engine.summary(10) == {"r1": [ALL_HELD], "r2": [A, B]}
+    assert engine.observations_missing_from({"r1": [ALL_HELD], "r2": [A]}, 10) == [
+        engine.observation_of("r2", B)
+    ]
+    assert engine.observations_missing_from({"r1": [A], "r2": [ALL_HELD]}, 10) == [
+        engine.observation_of("r1", B),
+        engine.observation_of("r1", C),
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    first=st.sets(st.tuples(st.sampled_from(["r1", "r2", "r3"]), st.sampled_from([A, B, C]))),
+    second=st.sets(st.tuples(st.sampled_from(["r1", "r2", "r3"]), st.sampled_from([A, B, C]))),
+)
+def test_one_exchange_of_summaries_makes_two_engines_hold_the_same(
+    first: set[tuple[str, str]], second: set[tuple[str, str]]
+) -> None:
+    """Anti-entropy both ways once, whatever each held: both then hold the union."""
+    engines = [make_engine(), make_engine()]
+    for engine, held in zip(engines, (first, second), strict=True):
+        for round_id, node in sorted(held):
+            engine.add_observation(signed_observation(node, round_id), 0.0)
+    one, two = engines
+    to_two = one.observations_missing_from(two.summary(10), 10)
+    to_one = two.observations_missing_from(one.summary(10), 10)
+    for obs in to_two:
+        two.add_observation(obs, 0.0)
+    for obs in to_one:
+        one.add_observation(obs, 0.0)
+    union = first | second
+    for engine in engines:
+        held = {
+            (r, n) for r in engine.round_ids() for n in (A, B, C) if engine.observation_of(r, n)
+        }
+        assert held == union
+    assert one.summary(10) == two.summary(10)
 
 
 def test_views_and_byzantine_mapping_are_read_only() -> None:

@@ -4,6 +4,7 @@
 takes `now` and returns events (`events.py`) for the node service to act on.
 """
 
+from .engine import ALL_HELD as ALL_HELD
 from .engine import COMPLETE as COMPLETE
 from .engine import FAILED as FAILED
 from .engine import PENDING as PENDING

@@ -64,6 +64,7 @@ from .events import (
 PENDING = "Pending"
 COMPLETE = "Complete"
 FAILED = "Failed"
+ALL_HELD = "*"  # in an anti-entropy summary: "I hold every validator's observation"
 
 _REASON_RANK = {CONFLICTING_OBSERVATIONS: 0, EXCESSIVE_DEVIATION: 1}
 
@@ -615,10 +616,15 @@ class Engine:
         return [held[key] for key in sorted(held)]
 
     def summary(self, limit_rounds: int) -> dict[str, list[str]]:
-        """{round_id: sorted node ids held} for our most recent `limit_rounds` rounds."""
-        return {
-            round_id: sorted(self._rounds[round_id].held) for round_id in self._recent(limit_rounds)
-        }
+        """{round_id: sorted node ids held} for our most recent `limit_rounds` rounds;
+        [ALL_HELD] for a round that holds every validator's observation, which keeps an
+        anti-entropy pull small once rounds are done (15 ids a round at 15 nodes)."""
+        summary = {}
+        for round_id in self._recent(limit_rounds):
+            state = self._rounds[round_id]
+            full = state.held.keys() >= state.validators
+            summary[round_id] = [ALL_HELD] if full else sorted(state.held)
+        return summary
 
     def observations_missing_from(
         self, summary: Mapping[str, Collection[str]], limit_rounds: int
@@ -627,6 +633,8 @@ class Engine:
         missing: list[Observation] = []
         for round_id in self._recent(limit_rounds):
             theirs = summary.get(round_id, ())
+            if ALL_HELD in theirs:
+                continue
             held = self._rounds[round_id].held
             missing.extend(held[node] for node in sorted(held) if node not in theirs)
         return missing
