@@ -97,15 +97,22 @@ def deliveries(draw: st.DrawFn, messages: Sequence[Message]) -> list[tuple[float
 
 
 def run(config: EngineConfig, timed: Sequence[tuple[float, Message]]) -> Engine:
-    """Deliver the messages, expiring as time passes, then close every round."""
+    """Deliver the messages, expiring as time passes, then close every round.
+    Observations arriving at the same instant go in as one batch (as a relay does)."""
     engine = Engine(config)
     now = 0.0
-    for now, message in timed:
+    batch: list[Observation] = []
+    for at, message in timed:
+        if batch and (at != now or isinstance(message, Evidence)):
+            engine.add_observations(batch, now)
+            batch = []
+        now = at
         engine.expire(now)
         if isinstance(message, Evidence):
             engine.add_evidence(message, now)
         else:
-            engine.add_observation(message, now)
+            batch.append(message)
+    engine.add_observations(batch, now)
     engine.expire(now + 1000.0)
     return engine
 

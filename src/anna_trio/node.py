@@ -431,15 +431,15 @@ class Node:
                 events += self.engine.open_round(item["round_id"], item["window_hours"], now)
             else:
                 counts["rejected"] += 1
+        verified = []
         for data in observations:
             try:
-                obs = self._verified(data)
+                verified.append(self._verified(data))
             except _Rejected as rejected:
                 counts["rejected"] += 1
                 if rejected.reply.metric:
                     self.metrics.observations_received.labels(rejected.reply.metric).inc()
-                continue
-            events += self.engine.add_observation(obs, now)
+        events += self.engine.add_observations(verified, now)
         for item in evidence:
             try:
                 pair = Evidence(self._verified(item["first"]), self._verified(item["second"]))

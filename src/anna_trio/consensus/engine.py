@@ -266,27 +266,42 @@ class Engine:
 
     def add_observation(self, obs: Observation, now: float) -> list[Event]:
         """Merge one observation whose signature and validator the caller checked."""
+        return self.add_observations([obs], now)
+
+    def add_observations(self, batch: Iterable[Observation], now: float) -> list[Event]:
+        """Merge observations whose signatures the caller checked, as if one at a time,
+        recomputing each touched round once at the end rather than after each (a relay
+        brings a whole round's observations in one batch)."""
         events: list[Event] = []
+        touched: set[str] = set()
+        for obs in batch:
+            if self._add(obs, now, events):
+                touched.add(obs.round_id)
+        if touched:
+            self._settle(now, events, base=set(touched), final=touched)
+        return events
+
+    def _add(self, obs: Observation, now: float, events: list[Event]) -> bool:
+        """One observation in; True if it was accepted and its round awaits settling."""
         state = self._rounds.get(obs.round_id)
         if state is None:
             state = self._create(obs.round_id, obs.window_hours, now, events)
             if state is None:
-                return events
+                return False
         if obs.node_id not in state.validators:
             events.append(NotAValidator(obs))
-            return events
+            return False
         digest = observation_digest(obs)
         if digest in state.seen:
             events.append(Duplicate(obs))
-            return events
+            return False
         state.seen.add(digest)
         existing = state.held.get(obs.node_id)
         if existing is None:
             state.held[obs.node_id] = obs
             state.digests[obs.node_id] = digest
             events.append(Accepted(obs))
-            self._settle(now, events, base={state.round_id}, final={state.round_id})
-            return events
+            return True
         existing_digest = state.digests[obs.node_id]
         evidence = _normalised(existing, existing_digest, obs, digest)
         if digest < existing_digest:
@@ -297,7 +312,7 @@ class Engine:
         final = {state.round_id}
         nodes = self._record_conflict(evidence, base, final)
         self._settle(now, events, base=base, final=final, nodes=nodes)
-        return events
+        return False
 
     def add_evidence(self, evidence: Evidence, now: float) -> list[Event]:
         """Merge evidence whose two signatures the caller checked; marks its node."""
