@@ -275,3 +275,16 @@ async def test_lost_relay_makes_pending_rounds_pull_early(cluster_of: Any) -> No
         assert set(network.pulls) >= {f"node_00{i}" for i in range(2, 6)}
         assert trio.current_time() - started >= STUCK_ROUND_FRACTION * ROUND_TIMEOUT - 0.05
         _identical(network)
+
+
+async def test_early_pulls_are_rate_limited_when_every_round_is_slow(cluster_of: Any) -> None:
+    """Eight rounds in a row that all stay Pending (node 5 never hears of them): the
+    starter pulls early once per half round timeout, not once per stuck round."""
+    async with cluster_of(5) as network:
+        network.cut.add(("node_001", "node_005"))
+        started = trio.current_time()
+        for i in range(8):
+            await network.nodes["node_001"].start_round(f"{ROUND}.{i}", 24)
+            await trio.sleep(0.1)
+        await trio.sleep(ROUND_TIMEOUT * 0.9 - (trio.current_time() - started))
+        assert 1 <= network.pulls["node_001"] <= 2, network.pulls

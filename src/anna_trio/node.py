@@ -150,6 +150,7 @@ class Node:
         self._relaying: set[str] = set()
         self._relays: dict[str, list[Observation]] = {}
         self._timers: list[tuple[float, str, str]] = []  # (when, _STUCK or _RELAY, round_id)
+        self._quiet_until = 0.0  # no early pull before this (trio time)
         self._completed_tis: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._rounds_completed = 0
         self._audit_lock = trio.Lock()
@@ -248,7 +249,9 @@ class Node:
     def _run_timers(self, now: float) -> None:
         """Relays that lingered long enough go out. A round still Pending a while after
         we learned of it missed a relay (its starter died mid-round, an answer was lost):
-        pull from every peer now rather than at the next anti-entropy tick."""
+        pull from every peer now rather than at the next anti-entropy tick — at most
+        once per half round timeout, so an overloaded cluster, where every round is
+        slow, is not also flooded with pulls."""
         stuck = False
         while self._timers and self._timers[0][0] <= now:
             _, kind, round_id = heapq.heappop(self._timers)
@@ -256,7 +259,8 @@ class Node:
                 self._flush_relays(round_id)
             else:
                 stuck |= self.engine.status_of(round_id) == "Pending"
-        if stuck:
+        if stuck and now >= self._quiet_until:
+            self._quiet_until = now + self._round_timeout / 2
             self.outbox.pull_soon()
 
     def _add_timer(self, delay: float, kind: str, round_id: str) -> None:
