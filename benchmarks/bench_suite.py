@@ -5,6 +5,7 @@ others' daemons behind, and each prints its own JSON document):
 
   1. `annactl --help` wall time (--help-runs runs, median)
   2. bench_migration.py (state v1 -> v2, in process)
+  2b. bench_exchange.py (what one peer request costs, hot and waking an idle process)
   3. bench_etcd.py, plain and mTLS: 3 etcd members, put -> seen by all three
   4. bench_cluster.py --nodes 3, mTLS: latency, sustained, rss (10,000 rounds), submit
   5. bench_cluster.py --nodes 5, 9, 15, mTLS: latency, sustained
@@ -46,7 +47,7 @@ TARGETS = {
     "rss_mib_per_node_after_10000_rounds": 80.0,
     "rss_growth_mib_second_half": 2.0,
 }
-STEPS = ("help", "migration", "etcd", "cluster", "rss", "submit")
+STEPS = ("help", "migration", "exchange", "etcd", "cluster", "rss", "submit")
 
 
 def annactl_help(runs: int) -> dict[str, Any]:
@@ -218,6 +219,9 @@ def main() -> int:
         suite["annactl_help"] = annactl_help(args.help_runs)
     if "migration" not in skip:
         suite["migration"] = run_json("bench_migration.py", [], args.timeout)
+    if "exchange" not in skip:
+        exchange_args = ["--requests", "400"] if args.quick else []
+        suite["exchange"] = run_json("bench_exchange.py", exchange_args, args.timeout)
     etcd_args = ["--puts", "100", "--sustained-puts", "1000"] if args.quick else []
     if "etcd" not in skip:
         suite["etcd_plain"] = run_json("bench_etcd.py", etcd_args, args.timeout)

@@ -1,0 +1,123 @@
+"""What one peer exchange costs: our HttpClient -> HttpServer, mTLS, two processes.
+
+Back to back (both processes stay hot) and with a pause between requests (each request
+wakes an idle process, as in a cluster where a node is asked a few times a round).
+Prints one JSON document: CPU per request on each side and wall time per request.
+
+    python benchmarks/bench_exchange.py [--requests 2000] [--pause-ms 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from anna_trio import tls
+from anna_trio.models import TlsConfig
+from anna_trio.rpc.client import HttpClient
+from anna_trio.rpc.http import HttpServer, Request, Response, json_response
+
+BODY = b'{"from":"node_001","rounds":[],"observations":[],"evidence":[]}'
+
+
+def _config(directory: Path) -> TlsConfig:
+    cert, key = directory / "n1" / "node_001.pem", directory / "n1" / "node_001.key"
+    return TlsConfig(
+        enabled=True,
+        ca_cert=directory / "ca" / tls.CA_CERT_NAME,
+        server_cert=cert,
+        server_key=key,
+        client_cert=cert,
+        client_key=key,
+    )
+
+
+async def _serve(directory: Path) -> None:
+    async def handler(request: Request) -> Response:
+        return json_response(200, {"success": True, "accepted": 0})
+
+    server = HttpServer(handler, ssl_context=tls.server_context(_config(directory)))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        (directory / "port").write_text(str(port))
+
+
+async def _measure(directory: Path, requests: int, pause: float) -> dict[str, float]:
+    port = int((directory / "port").read_text())
+    client = HttpClient(
+        "127.0.0.1",
+        port,
+        ssl_context=tls.client_context(_config(directory)),
+        server_hostname="127.0.0.1",
+    )
+    headers = {"content-type": "application/json"}
+    await client.request("POST", "/rpc/gossip", body=BODY, headers=headers)
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(requests):
+        await client.request("POST", "/rpc/gossip", body=BODY, headers=headers)
+        if pause:
+            await trio.sleep(pause)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall - requests * pause
+    await client.aclose()
+    return {"client_cpu_ms": 1e3 * cpu / requests, "wall_ms": 1e3 * wall / requests}
+
+
+def _process_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(directory: Path, requests: int, pause: float) -> dict[str, Any]:
+    (directory / "port").unlink(missing_ok=True)
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(directory)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (directory / "port").exists():
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the server process did not start")
+            time.sleep(0.05)
+        before = _process_cpu(server.pid)
+        result = trio.run(_measure, directory, requests, pause)
+        result["server_cpu_ms"] = 1e3 * (_process_cpu(server.pid) - before) / requests
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    return {k: round(v, 3) for k, v in result.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--pause-ms", type=float, default=5.0)
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        trio.run(_serve, args.serve)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="anna-exchange-") as temp:
+        directory = Path(temp)
+        tls.init_ca(directory / "ca")
+        tls.issue_cert(
+            directory / "ca", node_id="node_001", sans=["127.0.0.1"], out_dir=directory / "n1"
+        )
+        report = {
+            "benchmark": "bench_exchange",
+            "requests": args.requests,
+            "back_to_back": run(directory, args.requests, 0.0),
+            f"pause_{args.pause_ms:g}_ms": run(directory, args.requests // 2, args.pause_ms / 1e3),
+        }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
