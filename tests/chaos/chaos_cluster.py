@@ -1,4 +1,4 @@
-"""Three annad processes, each in its own network namespace, with mTLS on.
+"""annad processes (three unless asked for more), each in its own network namespace, mTLS on.
 
 The layout is a normal testnet layout whose hosts are the namespace addresses: every
 node listens on 8001 (RPC) and 9090 (metrics) of its own address, and its certificate
@@ -25,8 +25,8 @@ STOP_TIMEOUT = 10.0
 class ChaosCluster:
     """The annad processes of one scenario, by node number."""
 
-    def __init__(self, network: ChaosNetwork, directory: Path) -> None:
-        count = network.nodes
+    def __init__(self, network: ChaosNetwork, directory: Path, count: int = 3) -> None:
+        assert count <= network.nodes, f"{count} nodes need {count} namespaces"
         self.network = network
         self.layout = testnet.Layout(
             directory,

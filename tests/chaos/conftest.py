@@ -15,13 +15,13 @@ import trio
 from chaos_cluster import ChaosCluster
 from netns import ChaosNetwork, NetnsUnavailable, exclusive
 
-NODES = 3
+NAMESPACES = 5  # the 5-node relay scenario; the others use the first three
 
 
 @pytest.fixture(scope="session")
 def chaos_network() -> Iterator[ChaosNetwork]:
     """One namespace per node on a bridge; torn down at the end, even after a failure."""
-    network = ChaosNetwork(NODES)
+    network = ChaosNetwork(NAMESPACES)
     with exclusive():
         try:
             network.create()
@@ -38,12 +38,21 @@ def chaos_network() -> Iterator[ChaosNetwork]:
 @pytest.fixture
 def chaos_cluster(chaos_network: ChaosNetwork, tmp_path: Path) -> Iterator[ChaosCluster]:
     """Three ready annad processes with mTLS in their namespaces; killed at the end."""
-    chaos_network.heal()
-    cluster = ChaosCluster(chaos_network, tmp_path / "cluster")
+    yield from _running(ChaosCluster(chaos_network, tmp_path / "cluster", count=3))
+
+
+@pytest.fixture
+def chaos_cluster5(chaos_network: ChaosNetwork, tmp_path: Path) -> Iterator[ChaosCluster]:
+    """Five nodes: above three validators a round's starter relays the observations."""
+    yield from _running(ChaosCluster(chaos_network, tmp_path / "cluster", count=5))
+
+
+def _running(cluster: ChaosCluster) -> Iterator[ChaosCluster]:
+    cluster.network.heal()
     try:
         cluster.start_all()
         trio.run(cluster.wait_ready)
         yield cluster
     finally:
         cluster.stop_all()
-        chaos_network.heal()
+        cluster.network.heal()

@@ -646,3 +646,40 @@ async def test_reload_during_partition(chaos_cluster: ChaosCluster) -> None:
         for n in (1, 3):
             reloads = audit_entries(chaos_cluster.node_dir(n) / "audit.jsonl", "peer_reload")
             assert [e["result"] for e in reloads] == ["success"], reloads
+
+
+# --- 6. five nodes: observations relayed by each round's starter ---------------------------
+
+
+async def test_five_nodes_relay_through_partition_and_starter_kills(
+    chaos_cluster5: ChaosCluster,
+) -> None:
+    """Above three validators the starter relays everyone's observation. Rounds started
+    on every node complete everywhere; with node 5 cut off the other four still complete
+    every round (at the timeout, without node 5); a starter killed -9 as soon as its start
+    reached the others (often before it relayed) still leaves the round Complete on the
+    rest; after healing and restarting, all five converge on identical results."""
+    cluster = chaos_cluster5
+    names = everyone(cluster)
+    async with scenario(cluster, "relay") as s:
+        for n in cluster.numbers:
+            await s.wait_complete(await s.start_round(n), cluster.numbers, names)
+        cluster.network.isolate(5)
+        four = {node_name(n) for n in (1, 2, 3, 4)}
+        for n in (1, 2, 3, 4):
+            await s.wait_complete(await s.start_round(n), [1, 2, 3, 4], four)
+        cluster.network.heal()
+        for starter in (2, 4):
+            round_id = await s.start_round(starter)
+            rest = [n for n in cluster.numbers if n != starter]
+
+            async def reached_the_rest() -> bool:
+                return all([await s.view(n, round_id) for n in rest])  # noqa: B023
+
+            await poll(f"{round_id} on nodes {rest}", reached_the_rest)
+            cluster.kill(starter)
+            await s.wait_complete(round_id, rest, names)
+            await s.assert_none_flagged(rest, names)
+            cluster.start(starter)
+            await cluster.wait_ready(starter)
+        await s.finish(names, observations=5)
