@@ -42,23 +42,31 @@ def signing_message(
 
 
 def observation_message(obs: Observation) -> bytes:
-    return signing_message(
-        node_id=obs.node_id,
-        audit_id=obs.audit_id,
-        round_id=obs.round_id,
-        window_hours=obs.window_hours,
-        timestamp=obs.timestamp,
-        forecast_hash=obs.forecast_hash,
-        outcome_hash=obs.outcome_hash,
-        tis_components=obs.tis_components,
-        tis_overall=obs.tis_overall,
-        bias_flags=obs.bias_flags,
-    )
+    """The bytes the observation's signature covers (built once per observation)."""
+    message: bytes | None = obs.memo.get("message")
+    if message is None:
+        message = obs.memo["message"] = signing_message(
+            node_id=obs.node_id,
+            audit_id=obs.audit_id,
+            round_id=obs.round_id,
+            window_hours=obs.window_hours,
+            timestamp=obs.timestamp,
+            forecast_hash=obs.forecast_hash,
+            outcome_hash=obs.outcome_hash,
+            tis_components=obs.tis_components,
+            tis_overall=obs.tis_overall,
+            bias_flags=obs.bias_flags,
+        )
+    return message
 
 
 def observation_digest(obs: Observation) -> str:
     """Identity of an observation: two observations are the same iff digests match."""
-    return hashlib.sha256(observation_message(obs) + b"|" + obs.signature.encode()).hexdigest()
+    digest: str | None = obs.memo.get("digest")
+    if digest is None:
+        material = observation_message(obs) + b"|" + obs.signature.encode()
+        digest = obs.memo["digest"] = hashlib.sha256(material).hexdigest()
+    return digest
 
 
 def sign_observation(

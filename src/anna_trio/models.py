@@ -10,6 +10,7 @@ field that is wrong; unknown fields are rejected (SPEC §3).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from datetime import UTC, datetime
@@ -67,6 +68,13 @@ class Observation:
     bias_flags: tuple[str, ...]
     signature: str
 
+    @functools.cached_property
+    def memo(self) -> dict[str, Any]:
+        """Values derived from this (immutable) observation, kept once computed: crypto
+        stores its signed bytes and digest here, which a node needs several times per
+        observation (verify, engine, store). Not a field: not compared, hashed or sent."""
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
@@ -76,7 +84,11 @@ class Observation:
             "timestamp": self.timestamp,
             "forecast_hash": self.forecast_hash,
             "outcome_hash": self.outcome_hash,
-            "tis_components": attrs.asdict(self.tis_components),
+            "tis_components": {
+                "prediction_accuracy": self.tis_components.prediction_accuracy,
+                "ethical_alignment": self.tis_components.ethical_alignment,
+                "coherence_stability": self.tis_components.coherence_stability,
+            },
             "tis_overall": self.tis_overall,
             "bias_flags": list(self.bias_flags),
             "signature": self.signature,
