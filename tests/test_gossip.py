@@ -1,6 +1,7 @@
 """Push-pull gossip between real Node objects over an in-memory network, on the autojump
-clock: who sends what to whom in a round, and how a round recovers when a relay or an
-answer goes missing.
+clock (each test takes it directly: pytest-trio only uses a clock passed to the test):
+who sends what to whom in a round, and how a round recovers when a relay or an answer
+goes missing.
 
 `_Network` stands in for the peer supervisor: one sequential link per ordered pair of
 nodes (as PeerLink), batches posted to `Node.gossip`, observations in the answer handed
@@ -27,7 +28,7 @@ from anna_trio.metrics import Metrics
 from anna_trio.models import ClusterConfig, PeerConfig
 from anna_trio.node import OWN_ANSWER_WAIT, RELAY_LINGER, STUCK_ROUND_FRACTION, Node
 from anna_trio.observer import Measurement, Observer
-from anna_trio.store import Store
+from inline_store import InlineStore
 
 ROUND_TIMEOUT = 2.0
 ROUND = "round_20261127T000000Z"
@@ -57,7 +58,8 @@ class _Network:
         self.wakeups: dict[tuple[str, str], trio.Event] = {}
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
         self.pulls: collections.Counter[str] = collections.Counter()
-        self.cut: set[tuple[str, str]] = set()  # gossip links whose batches and answers are lost
+        # Batches each gossip link still delivers (absent: all); the rest are lost.
+        self.allowed: dict[tuple[str, str], int] = {}
         self.nursery: trio.Nursery | None = None
 
     def outbox(self, node_id: str) -> _Links:
@@ -75,15 +77,18 @@ class _Network:
                 await self.wakeups[key].wait()
                 continue
             batch, self.queues[key] = self.queues[key], []
-            if key in self.cut:
+            allowed = self.allowed.get(key)
+            if allowed == 0:
                 continue
+            if allowed is not None:
+                self.allowed[key] = allowed - 1
             payload: dict[str, Any] = {"from": source}
             for kind, item in batch:
                 payload.setdefault(kind, []).append(item)
             self.requests[key] += 1
             reply = await self.nodes[target].gossip(payload)
             assert reply.status == 200, reply
-            if reply.body.get("observations") and key not in self.cut:
+            if reply.body.get("observations"):
                 await self.nodes[source].ingest({"observations": reply.body["observations"]})
 
     def pull_soon(self, node_id: str) -> None:
@@ -119,7 +124,7 @@ def _node(directory: Path, node_id: str, config: ClusterConfig, observer: Observ
         key=crypto.load_or_create_key(directory / node_id / "keys"),
         config=config,
         round_timeout=ROUND_TIMEOUT,
-        store=Store(directory / node_id / "node.db"),
+        store=InlineStore(directory / node_id / "node.db"),
         audit=AuditLog.open(directory / node_id / "audit.jsonl", node_id, ids),
         ids=ids,
         metrics=Metrics(node_id),
@@ -186,7 +191,9 @@ def _identical(network: _Network) -> None:
     assert len(digests) == 1
 
 
-async def test_three_validators_send_directly_in_four_requests(cluster_of: Any) -> None:
+async def test_three_validators_send_directly_in_four_requests(
+    cluster_of: Any, autojump_clock: trio.testing.MockClock
+) -> None:
     """N = 3: the start carries the starter's observation, each peer answers with its own
     and sends it to the third node: 4 requests, nothing twice, and everyone Complete."""
     async with cluster_of(3) as network:
@@ -206,7 +213,9 @@ async def test_three_validators_send_directly_in_four_requests(cluster_of: Any) 
 
 
 @pytest.mark.parametrize("count", [5, 9])
-async def test_larger_clusters_relay_through_the_starter(cluster_of: Any, count: int) -> None:
+async def test_larger_clusters_relay_through_the_starter(
+    cluster_of: Any, autojump_clock: trio.testing.MockClock, count: int
+) -> None:
     """N > 3: peers answer the start with their observation and send nothing to each other;
     the starter relays them in one batch per peer: 2(N-1) requests in all."""
     async with cluster_of(count) as network:
@@ -219,7 +228,9 @@ async def test_larger_clusters_relay_through_the_starter(cluster_of: Any, count:
         assert not network.pulls
 
 
-async def test_slow_observation_is_not_waited_for_but_broadcast_later(cluster_of: Any) -> None:
+async def test_slow_observation_is_not_waited_for_but_broadcast_later(
+    cluster_of: Any, autojump_clock: trio.testing.MockClock
+) -> None:
     """A peer that cannot sign within OWN_ANSWER_WAIT answers without its observation; the
     others complete at the round timeout without it, and it reaches all of them once
     signed (sent by the slow node itself, not carried)."""
@@ -244,11 +255,13 @@ async def test_slow_observation_is_not_waited_for_but_broadcast_later(cluster_of
         assert network.requests[("node_003", "node_002")] >= 1  # it sent its own
 
 
-async def test_relays_linger_only_briefly_for_a_missing_answer(cluster_of: Any) -> None:
+async def test_relays_linger_only_briefly_for_a_missing_answer(
+    cluster_of: Any, autojump_clock: trio.testing.MockClock
+) -> None:
     """One peer never answers (its link from the starter is cut): the starter relays what
     it has after RELAY_LINGER, not at the round timeout."""
     async with cluster_of(5) as network:
-        network.cut.add(("node_001", "node_005"))
+        network.allowed[("node_001", "node_005")] = 0
         started = trio.current_time()
         await network.nodes["node_001"].start_round(ROUND, 24)
 
@@ -260,16 +273,17 @@ async def test_relays_linger_only_briefly_for_a_missing_answer(cluster_of: Any) 
         assert trio.current_time() - started < RELAY_LINGER + OWN_ANSWER_WAIT
 
 
-async def test_lost_relay_makes_pending_rounds_pull_early(cluster_of: Any) -> None:
+async def test_lost_relay_makes_pending_rounds_pull_early(
+    cluster_of: Any, autojump_clock: trio.testing.MockClock
+) -> None:
     """The starter's relays never arrive (as if it died after collecting the answers):
     the peers, still Pending a quarter of the round timeout later, pull from everyone
     and complete before the round timeout instead of failing."""
     async with cluster_of(5) as network:
-        await network.nodes["node_001"].start_round(ROUND, 24)
-        await _until(lambda: sum(network.requests.values()) == 4, 1.0)
-        started = trio.current_time()
         for i in range(2, 6):
-            network.cut.add(("node_001", f"node_00{i}"))
+            network.allowed[("node_001", f"node_00{i}")] = 1  # the start, not the relay
+        started = trio.current_time()
+        await network.nodes["node_001"].start_round(ROUND, 24)
         await _until(lambda: _complete_everywhere(network, 5), ROUND_TIMEOUT)
         assert trio.current_time() - started < ROUND_TIMEOUT
         assert set(network.pulls) >= {f"node_00{i}" for i in range(2, 6)}
@@ -277,11 +291,13 @@ async def test_lost_relay_makes_pending_rounds_pull_early(cluster_of: Any) -> No
         _identical(network)
 
 
-async def test_early_pulls_are_rate_limited_when_every_round_is_slow(cluster_of: Any) -> None:
+async def test_early_pulls_are_rate_limited_when_every_round_is_slow(
+    cluster_of: Any, autojump_clock: trio.testing.MockClock
+) -> None:
     """Eight rounds in a row that all stay Pending (node 5 never hears of them): the
     starter pulls early once per half round timeout, not once per stuck round."""
     async with cluster_of(5) as network:
-        network.cut.add(("node_001", "node_005"))
+        network.allowed[("node_001", "node_005")] = 0
         started = trio.current_time()
         for i in range(8):
             await network.nodes["node_001"].start_round(f"{ROUND}.{i}", 24)

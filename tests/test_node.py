@@ -16,7 +16,7 @@ from anna_trio.metrics import Metrics
 from anna_trio.models import ClusterConfig, PeerConfig
 from anna_trio.node import Node
 from anna_trio.observer import Observer
-from anna_trio.store import Store
+from inline_store import InlineStore
 
 RETAIN = 5
 
@@ -38,7 +38,7 @@ def make_node(directory: Path) -> Node:
         key=key,
         config=config,
         round_timeout=1.0,
-        store=Store(directory / "node.db"),
+        store=InlineStore(directory / "node.db"),
         audit=AuditLog.open(directory / "audit.jsonl", "node_001", ids),
         ids=ids,
         metrics=Metrics("node_001"),
@@ -67,7 +67,9 @@ async def complete(node: Node, round_id: str) -> None:
             await trio.sleep(0.01)
 
 
-async def test_pruned_rounds_release_their_own_observations(running: Node) -> None:
+async def test_pruned_rounds_release_their_own_observations(
+    running: Node, autojump_clock: trio.testing.MockClock
+) -> None:
     """Memory stays bounded: rounds the engine prunes leave the node's own-signing maps."""
     for i in range(4 * RETAIN):
         await complete(running, f"r{i:03d}")
@@ -76,7 +78,9 @@ async def test_pruned_rounds_release_their_own_observations(running: Node) -> No
     assert len(running._own_started) <= RETAIN
 
 
-async def test_round_older_than_everything_kept_is_refused(running: Node) -> None:
+async def test_round_older_than_everything_kept_is_refused(
+    running: Node, autojump_clock: trio.testing.MockClock
+) -> None:
     """A start for a round sorting before every retained round returns None (HTTP 409),
     instead of a 202 for a round that is silently not stored."""
     for i in range(RETAIN + 2):

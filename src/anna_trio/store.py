@@ -142,8 +142,12 @@ class Store:
             batch, self._pending = self._pending, []
             done, self._batch_done = self._batch_done, trio.Event()
             if batch:
-                await trio.to_thread.run_sync(self._write_batch, batch, abandon_on_cancel=False)
+                await self._write(batch)
             done.set()
+
+    async def _write(self, batch: list[Statement]) -> None:
+        """One transaction, on a worker thread: SQLite blocks (and checkpoints fsync)."""
+        await trio.to_thread.run_sync(self._write_batch, batch, abandon_on_cancel=False)
 
     def _write_batch(self, batch: list[Statement]) -> None:
         failpoints.hit("store.before_commit")
