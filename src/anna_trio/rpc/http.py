@@ -244,20 +244,24 @@ class HttpServer:
             raise _BodyTooLarge
         chunks: list[bytes] = []
         size = 0
-        with trio.fail_after(BODY_TIMEOUT):
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(bytes(await stream.receive_some(RECEIVE_SIZE)))
-                elif isinstance(event, h11.Data):
-                    size += len(event.data)
-                    if size > limit:
-                        raise _BodyTooLarge
-                    chunks.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                else:
-                    raise h11.RemoteProtocolError("connection closed inside a request body")
+        # One deadline for the whole body, armed only around reads: most bodies arrive
+        # with their head, and a cancel scope per request was ~8 % of a small request.
+        deadline = trio.current_time() + BODY_TIMEOUT
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                with trio.fail_at(deadline):
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                conn.receive_data(bytes(data))
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise _BodyTooLarge
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise h11.RemoteProtocolError("connection closed inside a request body")
         target = head.target.decode("latin-1")
         parts = urlsplit(target)
         return Request(
