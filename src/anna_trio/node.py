@@ -568,7 +568,7 @@ class Node:
         await self._publish_own(obs)
 
     async def _publish_own(self, obs: Observation) -> None:
-        """Send first: the `own` row already made it durable; the observation row can follow.
+        """Send: signing already made it durable (its `own` and observation rows).
 
         A gossip answer waiting for it carries it back to the round's starter, which
         relays it; otherwise it goes to every peer."""
