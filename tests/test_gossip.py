@@ -25,7 +25,7 @@ from anna_trio import crypto
 from anna_trio.audit import AuditIdAllocator, AuditLog
 from anna_trio.config import ObserverConfig
 from anna_trio.metrics import Metrics
-from anna_trio.models import ClusterConfig, PeerConfig
+from anna_trio.models import ClusterConfig, Limits, PeerConfig
 from anna_trio.node import OWN_ANSWER_WAIT, RELAY_LINGER, STUCK_ROUND_FRACTION, Node
 from anna_trio.observer import Measurement, Observer
 from inline_store import InlineStore
@@ -57,6 +57,9 @@ class _Network:
         self.queues: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
         self.wakeups: dict[tuple[str, str], trio.Event] = {}
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.answered_in: collections.defaultdict[tuple[str, str], list[float]] = (
+            collections.defaultdict(list)
+        )
         self.pulls: collections.Counter[str] = collections.Counter()
         # Batches each gossip link still delivers (absent: all); the rest are lost.
         self.allowed: dict[tuple[str, str], int] = {}
@@ -86,7 +89,9 @@ class _Network:
             for kind, item in batch:
                 payload.setdefault(kind, []).append(item)
             self.requests[key] += 1
+            sent = trio.current_time()
             reply = await self.nodes[target].gossip(payload)
+            self.answered_in[key].append(trio.current_time() - sent)
             assert reply.status == 200, reply
             if reply.body.get("observations"):
                 await self.nodes[source].ingest({"observations": reply.body["observations"]})
@@ -135,10 +140,13 @@ def _node(directory: Path, node_id: str, config: ClusterConfig, observer: Observ
 
 @pytest.fixture
 def cluster_of(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> Any:
-    """cluster_of(n, slow={node_id: seconds}) -> an async context manager of a _Network."""
+    """cluster_of(n, slow={node_id: seconds}, limits=Limits(...)) -> an async context
+    manager of a _Network."""
 
     @contextlib.asynccontextmanager
-    async def start(count: int, slow: dict[str, float] | None = None) -> AsyncIterator[_Network]:
+    async def start(
+        count: int, slow: dict[str, float] | None = None, limits: Limits | None = None
+    ) -> AsyncIterator[_Network]:
         node_ids = [f"node_{i:03d}" for i in range(1, count + 1)]
         keys = {n: crypto.load_or_create_key(tmp_path / n / "keys") for n in node_ids}
         config = ClusterConfig(
@@ -147,6 +155,7 @@ def cluster_of(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> Any:
                 for i, n in enumerate(node_ids, 1)
             ),
             allow_insecure_peers=True,
+            limits=limits or Limits(),
         )
         network = _Network()
         for n in node_ids:
@@ -304,3 +313,16 @@ async def test_early_pulls_are_rate_limited_when_every_round_is_slow(
             await trio.sleep(0.1)
         await trio.sleep(ROUND_TIMEOUT * 0.9 - (trio.current_time() - started))
         assert 1 <= network.pulls["node_001"] <= 2, network.pulls
+
+
+async def test_waiting_for_a_slow_observation_stays_within_the_request_timeout(
+    cluster_of: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With a short server request timeout, a gossip answer waits for the node's own
+    observation at most half of it, so the wait itself never turns the answer into 503."""
+    limits = Limits(request_timeout=0.1)
+    async with cluster_of(5, slow={"node_003": 1.0}, limits=limits) as network:
+        await network.nodes["node_001"].start_round(ROUND, 24)
+        await _until(lambda: network.answered_in[("node_001", "node_003")], 1.0)
+        assert network.answered_in[("node_001", "node_003")][0] <= 0.05
+        assert network.answered_in[("node_001", "node_002")][0] < 0.05

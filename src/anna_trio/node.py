@@ -394,9 +394,10 @@ class Node:
         self, answer: _OwnAnswer, round_ids: list[str]
     ) -> list[Observation]:
         """Our observations for these rounds: released ones, and claimed ones being signed
-        now, waited for at most OWN_ANSWER_WAIT. One released later (a slow observer, the
-        `observation.before_send` failpoint) is broadcast by `_publish_own` instead."""
-        with trio.move_on_after(OWN_ANSWER_WAIT):
+        now, waited for at most OWN_ANSWER_WAIT (and half the server's request timeout, so
+        the wait never turns the answer into a 503). One released later (a slow observer,
+        the `observation.before_send` failpoint) is broadcast by `_publish_own` instead."""
+        with trio.move_on_after(min(OWN_ANSWER_WAIT, self.config.limits.request_timeout / 2)):
             while any(
                 self._answers.get(round_id) is answer and round_id in self._own_started
                 for round_id in round_ids
