@@ -658,7 +658,9 @@ async def test_five_nodes_relay_through_partition_and_starter_kills(
     on every node complete everywhere; with node 5 cut off the other four still complete
     every round (at the timeout, without node 5); a starter killed -9 as soon as its start
     reached the others (often before it relayed) still leaves the round Complete on the
-    rest; after healing and restarting, all five converge on identical results."""
+    rest; a slow node's observation (failpoint) is not waited for past the round timeout
+    and arrives later; after healing and restarting, all five converge on identical
+    results."""
     cluster = chaos_cluster5
     names = everyone(cluster)
     async with scenario(cluster, "relay") as s:
@@ -682,4 +684,18 @@ async def test_five_nodes_relay_through_partition_and_starter_kills(
             await s.assert_none_flagged(rest, names)
             cluster.start(starter)
             await cluster.wait_ready(starter)
+        delay_ms = int((ROUND_TIMEOUT + 2.0) * 1000)
+        code, body = await s.client.plain(
+            3, "PUT", "/debug/failpoints/observation.before_send", f"sleep({delay_ms})".encode()
+        )
+        assert code == 200, body
+        try:
+            started = trio.current_time()
+            round_id = await s.start_round(1)
+            await s.wait_complete(
+                round_id, [1, 2, 4, 5], names - {"node_003"}, within=ROUND_TIMEOUT + 1.5
+            )
+            assert trio.current_time() - started < ROUND_TIMEOUT + 1.5
+        finally:
+            await s.client.plain(3, "DELETE", "/debug/failpoints/observation.before_send")
         await s.finish(names, observations=5)
