@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +53,7 @@ class Nodes:
     def stop_all(self) -> None:
         """SIGTERM everything still running (a stopped process is continued first), then
         SIGKILL whatever has not exited after STOP_TIMEOUT."""
-        running = [p for p in self.processes.values() if p.poll() is None]
-        for process in running:
-            for signum in (signal.SIGCONT, signal.SIGTERM):
-                with suppress(ProcessLookupError):
-                    process.send_signal(signum)
-        for process in running:
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT)
+        testnet.stop_processes(self.processes, STOP_TIMEOUT)
 
     def log(self, n: int) -> str:
         return (self.layout.node_dir(n) / "annad.log").read_text(errors="replace")

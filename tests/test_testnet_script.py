@@ -100,3 +100,28 @@ def test_json_log_format_is_one_object_per_line(tmp_path: Path) -> None:
     assert entries and all({"ts", "level", "logger", "message"} <= set(e) for e in entries)
     messages = " ".join(e["message"] for e in entries)
     assert "ready" in messages and "WARN: Running with allow_insecure_peers=true" in messages
+
+
+def test_stop_processes_terms_continues_and_kills() -> None:
+    """One helper stops every test and benchmark cluster: a process that exits on SIGTERM
+    gets 0 back, a stopped (SIGSTOP) one is continued and exits, one that ignores SIGTERM
+    is killed once the timeout is over."""
+    program = (
+        "import signal, sys, time\n"
+        "if sys.argv[1] == 'stubborn': signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "else: signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    processes = {
+        n: subprocess.Popen([sys.executable, "-c", program, kind], stdout=subprocess.PIPE)
+        for n, kind in ((1, "polite"), (2, "stopped"), (3, "stubborn"))
+    }
+    for process in processes.values():
+        assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+    processes[2].send_signal(signal.SIGSTOP)
+    codes = testnet.stop_processes(processes, timeout=1.0)
+    assert codes == {1: 0, 2: 0, 3: -signal.SIGKILL}
+    for process in processes.values():
+        assert process.stdout is not None
+        process.stdout.close()

@@ -9,6 +9,7 @@ TLS paths in peers.yml are relative to it, so the same files serve containers (c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,27 @@ def start_node(
             env=full_env,
             start_new_session=True,
         )
+
+
+def stop_processes(
+    processes: Mapping[int, subprocess.Popen[bytes]], timeout: float = 10.0
+) -> dict[int, int]:
+    """SIGTERM every process still running (a stopped one is continued first), SIGKILL
+    what has not exited `timeout` s later; the exit statuses, by the mapping's keys."""
+    for process in processes.values():
+        if process.poll() is None:
+            for signum in (signal.SIGCONT, signal.SIGTERM):
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signum)
+    deadline = time.monotonic() + timeout
+    codes = {}
+    for key, process in sorted(processes.items()):
+        try:
+            codes[key] = process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            codes[key] = process.wait()
+    return codes
 
 
 def up(layout: Layout) -> list[subprocess.Popen[bytes]]:

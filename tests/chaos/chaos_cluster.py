@@ -89,16 +89,7 @@ class ChaosCluster:
 
     def stop_all(self) -> dict[int, int]:
         """SIGTERM everything, SIGKILL what outlives STOP_TIMEOUT; returns exit statuses."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        codes = {}
-        for n, process in sorted(self.processes.items()):
-            try:
-                codes[n] = process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                codes[n] = process.wait()
+        codes = testnet.stop_processes(self.processes, STOP_TIMEOUT)
         self.processes.clear()
         return codes
 
