@@ -236,12 +236,7 @@ def test_exit_between_replace_and_audit_is_recorded_once_on_next_start(tmp_path:
     """State replaced but no entry written: the next start writes it with the reserved id."""
     write_v1(tmp_path)
 
-    def die_after_replace(name: str) -> bool:
-        if name == "migrate.after_replace":
-            raise SimulatedKill(name)
-        return False
-
-    with mock.patch.object(failpoints, "hit", die_after_replace), pytest.raises(SimulatedKill):
+    with killed_at("migrate.after_replace"), pytest.raises(SimulatedKill):
         run_migration(tmp_path, tmp_path / "audit.jsonl")
     assert audit_entries(tmp_path / "audit.jsonl") == []
     reserved = parse_state((tmp_path / STATE_NAME).read_bytes())["migration"]["audit_id"]
@@ -261,12 +256,7 @@ def test_completed_migration_is_recorded_even_after_a_manual_rollback(tmp_path: 
     """Killed after the replace, rolled back by hand before the next start: still recorded once."""
     raw = write_v1(tmp_path)
 
-    def die_after_replace(name: str) -> bool:
-        if name == "migrate.after_replace":
-            raise SimulatedKill(name)
-        return False
-
-    with mock.patch.object(failpoints, "hit", die_after_replace), pytest.raises(SimulatedKill):
+    with killed_at("migrate.after_replace"), pytest.raises(SimulatedKill):
         run_migration(tmp_path, tmp_path / "audit.jsonl")
     shutil.copyfile(tmp_path / BACKUP_NAME, tmp_path / STATE_NAME)
     assert (tmp_path / STATE_NAME).read_bytes() == raw
@@ -360,6 +350,17 @@ class SimulatedKill(BaseException):
     """Stands in for kill -9 at a failpoint: no `except Exception` cleanup runs."""
 
 
+def killed_at(failpoint: str) -> contextlib.AbstractContextManager[Any]:
+    """Within it, reaching `failpoint` raises SimulatedKill (kill -9 right there)."""
+
+    def crash(name: str) -> bool:
+        if name == failpoint:
+            raise SimulatedKill(name)
+        return False
+
+    return mock.patch.object(failpoints, "hit", crash)
+
+
 class MigrationMachine(RuleBasedStateMachine):
     """A node's life: migrations interrupted anywhere, rollbacks, audit writes, restarts."""
 
@@ -404,13 +405,7 @@ class MigrationMachine(RuleBasedStateMachine):
     @rule(name=st.sampled_from(MIGRATION_FAILPOINTS))
     def crash_at(self, name: str) -> None:
         """kill -9 at a failpoint (simulated by raising past every `except Exception`)."""
-
-        def crash(hit_name: str) -> bool:
-            if hit_name == name:
-                raise SimulatedKill(hit_name)
-            return False
-
-        with mock.patch.object(failpoints, "hit", crash), contextlib.suppress(SimulatedKill):
+        with killed_at(name), contextlib.suppress(SimulatedKill):
             self._start()
 
     @rule(name=st.sampled_from(MIGRATION_FAILPOINTS))
