@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import math
 import os
+import platform
 import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from anna_trio import testnet
@@ -145,6 +149,27 @@ def host_busy_seconds() -> float:
         fields = [int(x) for x in stat.readline().split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
     return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS
+
+
+# --- reports --------------------------------------------------------------------------------
+
+
+def report_header(benchmark: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What every benchmark's JSON starts with: which script, when, on what, how called."""
+    return {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_at_start": loadavg(),
+        },
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 # --- processes ------------------------------------------------------------------------------

@@ -26,10 +26,8 @@ Phases (--phases, comma separated):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import signal
 import ssl
@@ -49,8 +47,10 @@ from _common import (
     exit_on_sigterm,
     histogram_buckets,
     histogram_summary_ms,
+    loadavg,
     parse_samples,
     progress,
+    report_header,
     rss_mib,
     sample_sum,
     stop_processes,
@@ -807,15 +807,7 @@ def main() -> int:
     if unknown := set(phases) - set(PHASES):
         parser.error(f"unknown phases: {sorted(unknown)}")
 
-    report: dict[str, Any] = {
-        "benchmark": "bench_cluster",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        },
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    report: dict[str, Any] = report_header("bench_cluster", args) | {
         "targets": TARGETS,
         "runs": [],
     }
@@ -859,7 +851,7 @@ def main() -> int:
             "p50": round(mtls["p50_ms"] / plain["p50_ms"], 3),
             "p99": round(mtls["p99_ms"] / plain["p99_ms"], 3),
         }
-    report["host"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["host"]["loadavg_at_end"] = loadavg()
     report["meets_targets"] = verdicts(report)
     print(json.dumps(report, indent=2))
     return 0

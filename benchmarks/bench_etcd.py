@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime
 import json
-import os
-import platform
 import shutil
 import signal
 import socket
@@ -44,7 +41,9 @@ from _common import (
     CpuMeter,
     cpu_seconds,
     exit_on_sigterm,
+    loadavg,
     progress,
+    report_header,
     rss_mib,
     stop_processes,
     summary_ms,
@@ -385,17 +384,7 @@ def main() -> int:
     parser.add_argument("--phase-limit", type=float, default=60.0, help="s per phase")
     parser.add_argument("--dir", type=Path, help="keep the members' folders here")
     args = parser.parse_args()
-    report: dict[str, Any] = {
-        "benchmark": "bench_etcd",
-        "etcd": etcd_version(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        },
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-    }
+    report: dict[str, Any] = report_header("bench_etcd", args) | {"etcd": etcd_version()}
     with tempfile.TemporaryDirectory(prefix="etcd-bench-") as tmp:
         root = args.dir or Path(tmp)
         cluster = EtcdCluster(root, args.members, use_tls=args.tls)
@@ -406,7 +395,7 @@ def main() -> int:
         finally:
             progress("stopping etcd")
             cluster.stop()
-    report["host"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["host"]["loadavg_at_end"] = loadavg()
     print(json.dumps(report, indent=2))
     return 0
 

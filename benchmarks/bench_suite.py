@@ -22,10 +22,7 @@ reported too). Progress goes to stderr; stdout carries ONE JSON document.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -34,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import exit_on_sigterm, progress
+from _common import exit_on_sigterm, loadavg, progress, report_header
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {
@@ -203,17 +200,7 @@ def main() -> int:
     short = ["--rounds", "100", "--sustained-rounds", "500"] if args.quick else []
     rss_rounds = 2000 if args.quick else args.rss_rounds
 
-    suite: dict[str, Any] = {
-        "benchmark": "bench_suite",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        },
-        "args": vars(args),
-        "targets": TARGETS,
-    }
+    suite: dict[str, Any] = report_header("bench_suite", args) | {"targets": TARGETS}
     if "help" not in skip:
         progress(f"annactl --help x {args.help_runs}")
         suite["annactl_help"] = annactl_help(args.help_runs)
@@ -271,7 +258,7 @@ def main() -> int:
                 ours / summary["etcd_tls_put_seen_by_all_ms"]["p50"], 2
             )
     suite["summary"] = summary
-    suite["host"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    suite["host"]["loadavg_at_end"] = loadavg()
     suite["meets_targets"] = judge(suite)
     print(json.dumps(suite, indent=2))
     return 0
