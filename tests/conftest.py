@@ -2,6 +2,8 @@
 
 `cluster_factory` (per test) and `module_cluster_factory` (per module) build a testnet
 layout under a temporary folder, start the chosen nodes and wait until they are ready.
+`nodes` (per module) is a ready 3-node TLS cluster from `_launch.running`, and `cluster`
+its RPC client; modules with a cluster of their own define their own `cluster`.
 Call them from *sync* fixtures or sync tests (they run their own `trio.run`); inside an
 async test use `LiveCluster.start` + `await LiveCluster.wait_ready`.
 """
@@ -19,6 +21,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from _launch import Nodes, running
 from anna_trio import testnet
 
 STOP_TIMEOUT = 10.0
@@ -152,3 +155,24 @@ def module_cluster_factory(
     """Like `cluster_factory`, shared by the tests of one module."""
     with _cluster_factory(tmp_path_factory.mktemp("clusters")) as make:
         yield make
+
+
+@pytest.fixture(scope="module")
+def nodes(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Nodes]:
+    """A ready 3-node TLS cluster shared by the tests of one module."""
+    name = request.module.__name__.removeprefix("test_")
+    with running(tmp_path_factory.mktemp(name) / "testnet") as started:
+        trio.run(started.ready)
+        yield started
+
+
+@pytest.fixture
+async def cluster(nodes: Nodes) -> AsyncIterator[testnet.Cluster]:
+    """An RPC client of `nodes`, closed after the test."""
+    client = testnet.Cluster(nodes.layout)
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -12,7 +12,6 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,22 +44,6 @@ ALL_THREE = {"node_001", "node_002", "node_003"}
 OUTAGE = 30.0
 """How long a stopped peer stays stopped: the 30 s issue 5 names, well past the 2 s
 request timeout and into the 10 s backoff cap."""
-
-
-@pytest.fixture(scope="module")
-def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
-    with running(tmp_path_factory.mktemp("reload") / "testnet") as started:
-        trio.run(started.ready)
-        yield started
-
-
-@pytest.fixture
-async def cluster(nodes: Nodes) -> AsyncIterator[Cluster]:
-    client = Cluster(nodes.layout)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def _peer(document: dict[str, Any], node_id: str) -> dict[str, Any]:

@@ -9,12 +9,10 @@ from __future__ import annotations
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import trio
 
 from _launch import (
     Nodes,
@@ -24,7 +22,6 @@ from _launch import (
     read_peers,
     reload,
     round_everywhere,
-    running,
     write_peers,
 )
 from anna_trio import crypto, tls
@@ -33,22 +30,6 @@ from anna_trio.rpc.client import HttpClient, PeerTLSError, Response
 from anna_trio.testnet import Cluster
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
-    with running(tmp_path_factory.mktemp("tls") / "testnet") as started:
-        trio.run(started.ready)
-        yield started
-
-
-@pytest.fixture
-async def cluster(nodes: Nodes) -> AsyncIterator[Cluster]:
-    client = Cluster(nodes.layout)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
