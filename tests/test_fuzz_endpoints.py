@@ -1014,52 +1014,58 @@ def fuzz_round_start(target: Target, examples: int) -> None:
 # --- tests -----------------------------------------------------------------------------------
 
 
-def test_mutated_observations_are_rejected_and_change_nothing(plain: Target) -> None:
-    """Mutated observations get 403/422 (or a duplicate 200), never 500 or 409; state unmoved."""
-    unchanged(plain, lambda: fuzz_submit(plain, 2800))
-    TALLY.scenarios.add("submit")
+# (scenario, fuzzer, requests, what must hold): each runs against the plain cluster and
+# must leave its state unchanged (`unchanged`: never a 500, the daemon alive).
+FUZZ_RUNS: list[tuple[str, Callable[[Target, int], None], int, str]] = [
+    (
+        "submit",
+        fuzz_submit,
+        2800,
+        "mutated observations: 403/422 (or a duplicate 200), never 500 or 409",
+    ),
+    ("junk", fuzz_junk, 2000, "non-JSON, every JSON type, deep nesting, oversize, odd headers"),
+    (
+        "gossip",
+        fuzz_gossip,
+        1300,
+        "junk lists, huge counts, wrong nesting: nothing accepted, nobody Byzantine",
+    ),
+    ("sync", fuzz_sync, 800, "junk summaries and evidence keys: a well-formed answer or 422"),
+    ("status", fuzz_status, 800, "weird, repeated, mis-encoded round_id parameters: 200 or 404"),
+    (
+        "paths",
+        fuzz_paths,
+        800,
+        "any method on any path of the RPC listener: errors in the SPEC shape",
+    ),
+    (
+        "metrics",
+        fuzz_metrics_listener,
+        300,
+        "the metrics listener: methods, paths, unknown failpoints",
+    ),
+    (
+        "raw",
+        fuzz_raw,
+        800,
+        "bad request lines, headers, chunking, h2c, junk over raw sockets: 4xx or close",
+    ),
+]
 
 
-def test_junk_bodies_and_headers_are_rejected_and_change_nothing(plain: Target) -> None:
-    """Non-JSON, every JSON type, deep nesting, oversize, odd Content-Type/Idempotency-Key."""
-    unchanged(plain, lambda: fuzz_junk(plain, 2000))
-    TALLY.scenarios.add("junk")
-
-
-def test_gossip_junk_accepts_nothing(plain: Target) -> None:
-    """/rpc/gossip with junk lists, huge counts and wrong nesting: nothing accepted, nobody Byzantine."""
-    unchanged(plain, lambda: fuzz_gossip(plain, 1300))
-    TALLY.scenarios.add("gossip")
-
-
-def test_sync_junk_is_answered_or_refused(plain: Target) -> None:
-    """/rpc/sync with junk summaries and evidence keys: a well-formed answer or 422."""
-    unchanged(plain, lambda: fuzz_sync(plain, 800))
-    TALLY.scenarios.add("sync")
-
-
-def test_status_queries(plain: Target) -> None:
-    """GET /rpc/status with weird, repeated and mis-encoded round_id parameters: 200 or 404."""
-    unchanged(plain, lambda: fuzz_status(plain, 800))
-    TALLY.scenarios.add("status")
-
-
-def test_random_paths_and_methods(plain: Target) -> None:
-    """Any method on any path of the RPC listener: never 500, errors in the SPEC shape."""
-    unchanged(plain, lambda: fuzz_paths(plain, 800))
-    TALLY.scenarios.add("paths")
-
-
-def test_metrics_listener_paths(plain: Target) -> None:
-    """The metrics listener under random methods, paths and unknown failpoint names."""
-    unchanged(plain, lambda: fuzz_metrics_listener(plain, 300))
-    TALLY.scenarios.add("metrics")
-
-
-def test_raw_malformed_http(plain: Target) -> None:
-    """Bad request lines, headers, chunking, h2c and junk over raw sockets: 4xx or close."""
-    unchanged(plain, lambda: fuzz_raw(plain, 800))
-    TALLY.scenarios.add("raw")
+@pytest.mark.parametrize(
+    ("fuzz", "requests"),
+    [pytest.param(fuzz, count, id=name) for name, fuzz, count, _ in FUZZ_RUNS],
+)
+def test_fuzzed_requests_are_refused_and_change_nothing(
+    plain: Target,
+    fuzz: Callable[[Target, int], None],
+    requests: int,
+    request: pytest.FixtureRequest,
+) -> None:
+    """One fuzzer of FUZZ_RUNS: what must hold is in its row; state never moves."""
+    unchanged(plain, lambda: fuzz(plain, requests))
+    TALLY.scenarios.add(request.node.callspec.id)
 
 
 def test_round_start_bodies(plain: Target) -> None:
