@@ -17,6 +17,7 @@ from anna_trio.models import ClusterConfig, PeerConfig
 from anna_trio.node import Node
 from anna_trio.observer import Observer
 from inline_store import InlineStore
+from strategies import node_pubkey_hex, signed_observation
 
 RETAIN = 5
 
@@ -26,10 +27,17 @@ def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
 
 
-def make_node(directory: Path) -> Node:
+def make_node(directory: Path, *others: str) -> Node:
+    """node_001 with its own key; `others` are validators with the test keys of strategies."""
     key = crypto.load_or_create_key(directory / "keys")
     config = ClusterConfig(
-        peers=(PeerConfig("node_001", "127.0.0.1", 8001, crypto.public_key_hex(key)),),
+        peers=(
+            PeerConfig("node_001", "127.0.0.1", 8001, crypto.public_key_hex(key)),
+            *(
+                PeerConfig(n, "127.0.0.1", 8001 + i, node_pubkey_hex(n))
+                for i, n in enumerate(others, 1)
+            ),
+        ),
         allow_insecure_peers=True,
     )
     ids = AuditIdAllocator()
@@ -117,3 +125,52 @@ async def test_own_observation_is_signed_once_across_restart(
     assert view is not None
     assert view.observations == (before,)
     assert not second.engine.byzantine  # a second, different signature would be evidence
+
+
+async def test_a_pruned_round_opened_again_reuses_the_signed_observation(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A Pending round keeps older ids retainable, so a Complete round the engine pruned
+    can be opened again (late gossip): the node re-sends what it signed, never a second,
+    different observation (which would be evidence against itself)."""
+    node = make_node(tmp_path, "node_002")
+    node.restore()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.store.run)
+        await nursery.start(node.run)
+        assert await node.start_round("b_pending", 24) == "b_pending"  # node_002 never answers
+        signed = {}
+        for i in range(RETAIN + 2):
+            round_id = f"c{i}"
+            assert await node.start_round(round_id, 24) == round_id
+            await node.ingest(
+                {"observations": [signed_observation("node_002", round_id).to_dict()]}
+            )
+            view = node.engine.round(round_id)
+            assert view is not None and view.status == "Complete"
+            [signed[round_id]] = [o for o in view.observations if o.node_id == "node_001"]
+        assert node.engine.round("c0") is None, "c0 should have been pruned"
+        assert await node.start_round("c0", 24) == "c0"
+        await trio.sleep(0.1)
+        view = node.engine.round("c0")
+        assert view is not None
+        [again] = [o for o in view.observations if o.node_id == "node_001"]
+        assert again == signed["c0"]
+        nursery.cancel_scope.cancel()
+    node.store.close()
+
+
+def test_load_says_which_own_rows_it_left_on_disk(tmp_path: Path) -> None:
+    """Start-up loads own rows of the retained rounds only and names the newest it left,
+    so signing asks the store for older rounds alone."""
+    store = InlineStore(tmp_path / "node.db")
+    rounds = [f"r{i}" for i in range(6)]
+    store.write_now(
+        [InlineStore.round_stmt(r, 24, 0.0) for r in rounds]
+        + [InlineStore.own_stmt(signed_observation("node_001", r)) for r in rounds[:4]]
+    )
+    data = store.load(keep_rounds=3)
+    assert sorted(data.own) == ["r3"]
+    assert data.own_not_loaded_through == "r2"
+    assert store.load(keep_rounds=10).own_not_loaded_through == ""
+    store.close()

@@ -146,6 +146,9 @@ class Node:
         self._apply_config_keys(config)
         self._own: dict[str, Observation] = {}
         self._own_started: set[str] = set()
+        # Round ids up to this may have a signed own row on disk that `_own` lacks (older
+        # than what start-up loaded, or pruned since): only those need the store.
+        self._own_on_disk_through = ""
         self._answers: dict[str, _OwnAnswer] = {}
         self._relaying: set[str] = set()
         self._relays: dict[str, list[Observation]] = {}
@@ -198,6 +201,7 @@ class Node:
         for evidence in data.evidence:
             self.engine.add_evidence(evidence, now)
         self._own = dict(data.own)
+        self._own_on_disk_through = data.own_not_loaded_through
         if self._state_file is not None:
             self._rounds_completed = int(
                 self._state_file.data.get("consensus", {}).get("rounds_completed", 0)
@@ -540,7 +544,9 @@ class Node:
 
     async def _sign_and_publish(self, round_id: str, window_hours: int) -> None:
         """Sign this node's observation for a round exactly once, persist, then send."""
-        obs = self._own.get(round_id) or self.store.own_observation(round_id)
+        obs = self._own.get(round_id)
+        if obs is None and round_id <= self._own_on_disk_through:
+            obs = self.store.own_observation(round_id)
         if obs is None:
             await failpoints.hit_async("observation.before_sign")
             measurement = await self._observer.measure(round_id, window_hours)
@@ -609,7 +615,8 @@ class Node:
             case ev.RoundPruned(round_id=round_id):
                 # The engine forgot it; the store still holds our signed observation, so
                 # forgetting it here too cannot lead to signing the round twice.
-                self._own.pop(round_id, None)
+                if self._own.pop(round_id, None) is not None:
+                    self._own_on_disk_through = max(self._own_on_disk_through, round_id)
                 self._own_started.discard(round_id)
                 self._relaying.discard(round_id)
                 self._relays.pop(round_id, None)

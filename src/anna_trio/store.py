@@ -66,6 +66,7 @@ class StoredData:
     observations: list[Observation]
     evidence: list[Evidence]
     own: dict[str, Observation]
+    own_not_loaded_through: str  # highest round id with an own row not in `own` ("" if none)
     max_own_audit_id: int
 
 
@@ -194,7 +195,10 @@ class Store:
                 "SELECT round_id, body FROM own WHERE round_id >= ?", (oldest,)
             )
         }
-        return StoredData(rounds, observations, evidence, own, self.max_own_audit_id())
+        (below,) = self._db.execute(
+            "SELECT MAX(round_id) FROM own WHERE round_id < ?", (oldest,)
+        ).fetchone()
+        return StoredData(rounds, observations, evidence, own, below or "", self.max_own_audit_id())
 
     def max_own_audit_id(self) -> int:
         """Highest audit_id this node ever signed an observation with (0 if none)."""
