@@ -59,3 +59,17 @@ async def test_pull_with_valid_answer_ingests() -> None:
     link = PeerLink(PEER, node, lambda peer: client, Metrics("node_001"))  # type: ignore[arg-type, return-value]
     assert await link.pull(client) is True  # type: ignore[arg-type]
     assert node.ingested == [{"rounds": [], "observations": [], "evidence": []}]
+
+
+async def test_gossip_answer_with_junk_is_logged_and_ingests_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 200 gossip answer that is not JSON costs the carried observations (anti-entropy
+    brings them) and says so in the log; one with observations hands them to the node."""
+    node = _FakeNode()
+    link = PeerLink(PEER, node, lambda peer: _CannedClient(b""), Metrics("node_001"))  # type: ignore[arg-type, return-value]
+    await link._take_answer(Response(status=200, headers={}, body=b"junk"))
+    assert node.ingested == []
+    assert "node_002 answered gossip with invalid JSON" in caplog.text
+    await link._take_answer(Response(status=200, headers={}, body=b'{"observations": [{"x": 1}]}'))
+    assert node.ingested == [{"observations": [{"x": 1}]}]

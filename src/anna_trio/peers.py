@@ -23,7 +23,7 @@ from ._exceptions import PeerError
 from .metrics import Metrics
 from .models import ClusterConfig, PeerConfig
 from .node import Node
-from .rpc.client import HttpClient
+from .rpc.client import HttpClient, Response
 
 log = logging.getLogger("anna.peers")
 
@@ -150,11 +150,16 @@ class PeerLink:
                 if response.status == 200:
                     await self._take_answer(response)
 
-    async def _take_answer(self, response: Any) -> None:
+    async def _take_answer(self, response: Response) -> None:
         """The peer's own observations for the rounds we sent it (the node relays them)."""
         try:
             answer = response.json()
-        except PeerError:
+        except PeerError as exc:
+            log.warning(
+                "peer %s answered gossip with %s; its observations come by anti-entropy",
+                self.peer.node_id,
+                exc,
+            )
             return
         if isinstance(answer, dict) and answer.get("observations"):
             await self._node.ingest({"observations": answer["observations"]})
