@@ -3,15 +3,22 @@
 SQLite in WAL mode with ``synchronous=NORMAL``: a committed transaction survives
 kill -9 of the process (the WAL is in the OS page cache before COMMIT returns), which
 is the durability the daemon acknowledges. Writes go through a group-commit writer:
-callers queue their statements and wait; one worker-thread transaction commits every
-queued batch, so a burst of observations costs one commit, not one each.
+callers queue their statements and wait; one transaction commits every queued batch, so
+a burst of observations costs one commit, not one each.
+
+Such a commit appends to the WAL in the page cache and never fsyncs (tens of µs), so the
+writer runs it on the Trio thread: handing it to a worker thread cost 0.3 ms of latency
+at the median and 1 ms at p90, twice on a round's critical path. What does block on the
+disk — a checkpoint, which fsyncs the WAL and the database file — is taken away from
+SQLite's auto-checkpoint and run every CHECKPOINT_EVERY commits on a worker thread, on a
+connection of its own, while commits go on.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +60,10 @@ CREATE TABLE IF NOT EXISTS idempotency (
 
 Statement = tuple[str, tuple[Any, ...]]
 
+# Commits between WAL checkpoints: a round's commit appends 2–5 pages, so about SQLite's
+# own auto-checkpoint size of 1000 pages.
+CHECKPOINT_EVERY = 256
+
 
 def _obs_json(obs: Observation) -> str:
     return json.dumps(obs.to_dict(), separators=(",", ":"))
@@ -79,6 +90,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._checkpointer = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._commits_since_checkpoint = 0
+        self._checkpointing = False
         self._pending: list[Statement] = []
         self._batch_done = trio.Event()
         self._wakeup = trio.Event()
@@ -133,32 +147,54 @@ class Store:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer loop: commits queued batches one transaction at a time."""
-        task_status.started()
-        while True:
-            await self._wakeup.wait()
-            # One scheduling pass first: tasks woken with the committer (a round's own
-            # signing alongside the gossip that opened it) join this transaction.
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            self._wakeup = trio.Event()
-            batch, self._pending = self._pending, []
-            done, self._batch_done = self._batch_done, trio.Event()
-            if batch:
-                await self._write(batch)
-            done.set()
+        self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints: see _checkpoint
+        async with trio.open_nursery() as checkpoints:
+            task_status.started()
+            while True:
+                await self._wakeup.wait()
+                # One scheduling pass first: tasks woken with the committer (a round's own
+                # signing alongside the gossip that opened it) join this transaction.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                self._wakeup = trio.Event()
+                batch, self._pending = self._pending, []
+                done, self._batch_done = self._batch_done, trio.Event()
+                if batch:
+                    await self._write(batch)
+                    self._commits_since_checkpoint += 1
+                    if (
+                        self._commits_since_checkpoint >= CHECKPOINT_EVERY
+                        and not self._checkpointing
+                    ):
+                        self._checkpointing = True
+                        self._commits_since_checkpoint = 0
+                        checkpoints.start_soon(self._checkpoint)
+                done.set()
 
     async def _write(self, batch: list[Statement]) -> None:
-        """One transaction, on a worker thread: SQLite blocks (and checkpoints fsync)."""
-        await trio.to_thread.run_sync(self._write_batch, batch, abandon_on_cancel=False)
+        """One transaction, here on the Trio thread: a WAL append, no fsync."""
+        await failpoints.hit_async("store.before_commit")
+        self.write_now(batch)
+        await failpoints.hit_async("store.after_commit")
 
-    def _write_batch(self, batch: list[Statement]) -> None:
-        failpoints.hit("store.before_commit")
-        with self._transaction():
-            for sql, params in batch:
-                self._db.execute(sql, params)
-        failpoints.hit("store.after_commit")
+    async def _checkpoint(self) -> None:
+        """Copy the WAL into the database file (it fsyncs both) on a worker thread."""
+        try:
+            await self._blocking(self.checkpoint_now)
+        finally:
+            self._checkpointing = False
+
+    async def _blocking(self, work: Callable[[], object]) -> None:
+        await trio.to_thread.run_sync(work, abandon_on_cancel=False)
+
+    def checkpoint_now(self) -> tuple[int, int, int]:
+        """PASSIVE: never waits for, nor blocks, the writer. (busy, WAL frames, copied)."""
+        busy, frames, copied = self._checkpointer.execute(
+            "PRAGMA wal_checkpoint(PASSIVE)"
+        ).fetchone()
+        return int(busy), int(frames), int(copied)
 
     def write_now(self, statements: Iterable[Statement]) -> None:
-        """Synchronous commit, for start-up and offline tools only."""
+        """One transaction, committed before this returns (the writer, start-up, tools)."""
         with self._transaction():
             for sql, params in statements:
                 self._db.execute(sql, params)
@@ -247,6 +283,7 @@ class Store:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._checkpointer.close()
             self._db.close()
 
 
