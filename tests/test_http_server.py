@@ -4,6 +4,7 @@ their own timeout, and a request that arrives whole is answered without waiting.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -76,3 +77,125 @@ async def test_whole_request_is_answered_then_idle_connection_closes(
     assert received.startswith(b"HTTP/1.1 200 ")
     assert received.endswith(b'{"length":10}')
     assert KEEP_ALIVE_TIMEOUT <= took < KEEP_ALIVE_TIMEOUT + 1
+
+
+# --- framing, on llhttp --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def small_port() -> AsyncIterator[int]:
+    """A server with a 100-byte body limit that echoes method, path and body length."""
+
+    async def echo(request: Request) -> Response:
+        return json_response(
+            200, {"method": request.method, "path": request.path, "length": len(request.body)}
+        )
+
+    server = HttpServer(echo, max_body_bytes=lambda: 100)
+    async with trio.open_nursery() as nursery:
+        yield await nursery.start(server.serve, "127.0.0.1", 0)
+        await server.shutdown()
+
+
+def statuses(received: bytes) -> list[int]:
+    """Status codes of every answer in the stream (the bodies here never hold one)."""
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", received)]
+
+
+async def test_pipelined_requests_are_answered_in_order(small_port: int) -> None:
+    sent = (
+        b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n"
+        b"POST /b HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\n\r\nxyz"
+        b"GET /c HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
+    )
+    _, received = await closed_after(small_port, sent)
+    assert statuses(received) == [200, 200, 200]
+    assert received.index(b'"/a"') < received.index(b'"/b","length":3') < received.index(b'"/c"')
+    assert received.count(b"connection: close") == 1
+
+
+async def test_body_over_the_limit_is_refused_from_its_length_unread(small_port: int) -> None:
+    """413 from the Content-Length alone: the server does not wait for the 10 MB."""
+    _, received = await closed_after(
+        small_port, b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 10000000\r\n\r\n"
+    )
+    assert statuses(received) == [413]
+
+
+async def test_chunked_body_over_the_limit_is_refused(small_port: int) -> None:
+    chunk = b"40\r\n" + b"y" * 64 + b"\r\n"
+    sent = b"POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n" + chunk * 3
+    _, received = await closed_after(small_port, sent + b"0\r\n\r\n")
+    assert statuses(received) == [413]
+
+
+async def test_chunked_body_under_the_limit_is_decoded(small_port: int) -> None:
+    sent = b"POST /x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    _, received = await closed_after(small_port, sent + b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    assert statuses(received) == [200]
+    assert received.endswith(b'"length":5}')
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param(b"GET /x HTTP/1.1\r\n\r\n", id="no-host"),
+        pytest.param(b"GET /x HTTP/1.1\r\nhost: t\r\nbad header: v\r\n\r\n", id="bad-name"),
+        pytest.param(b"GET /x HTTP/1.1\r\nhost: t\r\nx: a\x05b\r\n\r\n", id="control-in-value"),
+        pytest.param(
+            b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+            id="two-lengths",
+        ),
+        pytest.param(
+            b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\n"
+            b"transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            id="length-and-chunked",
+        ),
+        pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", id="h2-preface"),
+        pytest.param(b"\x00\x01 junk\r\n\r\n", id="junk"),
+    ],
+)
+async def test_malformed_requests_get_400_and_close(small_port: int, sent: bytes) -> None:
+    _, received = await closed_after(small_port, sent)
+    assert statuses(received) == [400]
+    assert b"malformed HTTP" in received
+
+
+async def test_a_head_that_never_ends_is_refused_at_the_limit(small_port: int) -> None:
+    """A header line growing forever is cut off near MAX_HEADER_BYTES, not buffered."""
+    stream = await trio.open_tcp_stream("127.0.0.1", small_port)
+    await stream.send_all(b"GET /x HTTP/1.1\r\nhost: t\r\nx-long: ")
+    received = b""
+    with trio.fail_after(5):
+        for _ in range(64):
+            try:
+                await stream.send_all(b"v" * 1024)
+            except trio.BrokenResourceError:
+                break
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    await stream.aclose()
+    assert statuses(received) == [400]
+    assert b"head over" in received
+
+
+async def test_http_1_0_is_answered_and_closed(small_port: int) -> None:
+    _, received = await closed_after(small_port, b"GET /x HTTP/1.0\r\n\r\n")
+    assert statuses(received) == [200]
+    assert b"connection: close" in received
+
+
+async def test_an_upgrade_request_is_answered_then_closed_without_a_second_answer(
+    small_port: int,
+) -> None:
+    sent = b"GET /x HTTP/1.1\r\nhost: t\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\nmore"
+    _, received = await closed_after(small_port, sent)
+    assert statuses(received) == [200]
+
+
+async def test_head_keeps_its_status_and_drops_its_body(small_port: int) -> None:
+    _, received = await closed_after(
+        small_port, b"HEAD /x HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
+    )
+    assert statuses(received) == [200]
+    assert received.endswith(b"\r\n\r\n")
