@@ -1,4 +1,4 @@
-"""Peer client cost: anna_trio's h11 client against httpx, plain HTTP and mutual TLS.
+"""Peer client cost: anna_trio's client against httpx, plain HTTP and mutual TLS.
 
 Both clients talk to the same quart-trio app served by hypercorn in a *separate*
 process, so `time.process_time()` in this process is the client's CPU alone (plus
@@ -256,7 +256,7 @@ def main() -> None:
                     port = int(server.stdout.readline())
                     context = _client_context(pki_dir) if mode == "mtls" else None
                     entry: dict[str, Any] = {}
-                    for name, run in (("anna_h11", _anna), ("httpx", _httpx)):
+                    for name, run in (("anna", _anna), ("httpx", _httpx)):
                         entry[name] = _median(
                             [
                                 trio.run(run, port, context, args.requests)
@@ -264,7 +264,7 @@ def main() -> None:
                             ]
                         )
                     entry["cpu_ratio_httpx_over_anna"] = round(
-                        entry["httpx"]["client_cpu_us"] / entry["anna_h11"]["client_cpu_us"], 1
+                        entry["httpx"]["client_cpu_us"] / entry["anna"]["client_cpu_us"], 1
                     )
                     entry["anna_new_connection_ms"] = round(
                         trio.run(_connect_ms, port, context, 50), 2

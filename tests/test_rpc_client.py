@@ -366,7 +366,7 @@ async def test_reused_connection_closed_mid_response_is_not_retried() -> None:
 
 
 async def test_garbage_from_peer_is_a_connection_error() -> None:
-    """Bytes that are not HTTP/1.1 give PeerConnectionError, chained to the h11 error."""
+    """Bytes that are not HTTP/1.1 give PeerConnectionError, chained to the parser error."""
 
     async def send_garbage(stream: trio.abc.Stream) -> None:
         await RequestReader(stream).next_request()
@@ -607,3 +607,86 @@ async def test_server_refusing_our_certificate_is_a_tls_error(pki: Pki) -> None:
             await client.request("GET", "/health")
     assert caught.value.reason == "closed_after_handshake"
     assert failures == ["closed_after_handshake"]
+
+
+# --- framing, on llhttp --------------------------------------------------------------------
+
+
+async def test_an_answer_to_head_ends_with_its_head() -> None:
+    """A HEAD answer announces a length but carries no body: the client does not wait."""
+
+    async def answer_head(stream: trio.abc.Stream) -> None:
+        reader = RequestReader(stream)
+        while await reader.next_request() is not None:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n")
+
+    async with raw_server(Script(answer_head)) as port:
+        client = HttpClient("127.0.0.1", port)
+        with trio.fail_after(5):
+            first = await client.request("HEAD", "/health")
+            second = await client.request("HEAD", "/health")
+        await client.aclose()
+    assert (first.status, first.body, second.status) == (200, b"", 200)
+
+
+async def test_a_body_sent_with_an_answer_to_head_is_not_read() -> None:
+    async def answer_head_with_body(stream: trio.abc.Stream) -> None:
+        await RequestReader(stream).next_request()
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 4\r\n\r\nbody")
+        await trio.sleep_forever()
+
+    async with raw_server(Script(answer_head_with_body)) as port:
+        client = HttpClient("127.0.0.1", port)
+        response = await client.request("HEAD", "/x")
+        await client.aclose()
+    assert (response.status, response.body) == (400, b"")
+
+
+async def test_informational_answers_are_skipped() -> None:
+    async def answer_after_100(stream: trio.abc.Stream) -> None:
+        await RequestReader(stream).next_request()
+        await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n" + ok_response(b'{"n":1}'))
+        await trio.sleep_forever()
+
+    async with raw_server(Script(answer_after_100)) as port:
+        client = HttpClient("127.0.0.1", port)
+        response = await client.request("POST", "/x", body=b"{}")
+        await client.aclose()
+    assert (response.status, response.body) == (200, b'{"n":1}')
+
+
+async def test_a_body_framed_by_eof_is_whole_and_the_connection_not_reused() -> None:
+    async def answer_then_close(stream: trio.abc.Stream) -> None:
+        await RequestReader(stream).next_request()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n" + b"z" * 5000)
+
+    script = Script(answer_then_close)
+    async with raw_server(script) as port:
+        client = HttpClient("127.0.0.1", port)
+        response = await client.request("GET", "/x")
+        assert response.body == b"z" * 5000
+        assert not client.connected
+        assert (await client.request("GET", "/x")).body == b"z" * 5000
+    assert script.accepted == 2
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers"),
+    [
+        ("GE T", "/x", {}),
+        ("GET", "/a b", {}),
+        ("GET", "/x\r\nInjected: 1", {}),
+        ("GET", "/x", {"bad name": "v"}),
+        ("GET", "/x", {"x": "a\r\nInjected: 1"}),
+        ("GET", "/x", {"x": "a\x05b"}),
+        ("GET", "/x", {"x": " padded"}),
+    ],
+)
+async def test_what_http_does_not_allow_is_refused_before_sending(
+    method: str, path: str, headers: dict[str, str]
+) -> None:
+    async with raw_server(Script(answer_forever)) as port:
+        client = HttpClient("127.0.0.1", port)
+        with pytest.raises(PeerConnectionError, match="cannot send"):
+            await client.request(method, path, headers=headers)
+        assert not client.connected
