@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from anna_trio.audit import AuditIdAllocator, AuditLog
 from anna_trio.config import ObserverConfig
 from anna_trio.metrics import Metrics
 from anna_trio.models import ClusterConfig, PeerConfig
-from anna_trio.node import Node
+from anna_trio.node import Node, round_view_json
 from anna_trio.observer import Observer
+from anna_trio.rpc.http import Request
+from anna_trio.rpc.server import ROUND_BODY_CACHE, RpcServer
 from inline_store import InlineStore
 from strategies import node_pubkey_hex, signed_observation
 
@@ -174,3 +177,47 @@ def test_load_says_which_own_rows_it_left_on_disk(tmp_path: Path) -> None:
     assert data.own_not_loaded_through == "r2"
     assert store.load(keep_rounds=10).own_not_loaded_through == ""
     store.close()
+
+
+async def test_status_answers_follow_the_round_and_are_encoded_once_per_change(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """GET /rpc/status?round_id= answers exactly the round's current JSON: re-encoded
+    when an observation arrives, the same bytes while nothing changed; bounded."""
+    node = make_node(tmp_path, "node_002", "node_003")
+    node.restore()
+    server = RpcServer(node, node.metrics, reconcile=_no_reconcile)
+
+    async def answer(round_id: str) -> bytes:
+        request = Request("GET", "/rpc/status", {"round_id": [round_id]}, {}, b"", "127.0.0.1")
+        response = await server.handle(request)
+        assert response.status == 200
+        return response.body
+
+    def fresh(round_id: str) -> bytes:
+        view = node.engine.round(round_id)
+        assert view is not None
+        return json.dumps(round_view_json(view), separators=(",", ":")).encode()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.store.run)
+        await nursery.start(node.run)
+        await node.start_round("s0", 24)
+        first = await answer("s0")
+        assert first == fresh("s0") and await answer("s0") is first
+        for peer in ("node_002", "node_003"):
+            await node.ingest({"observations": [signed_observation(peer, "s0").to_dict()]})
+            changed = await answer("s0")
+            assert changed == fresh("s0") and changed != first
+            first = changed
+        assert json.loads(first)["status"] == "Complete"
+        for i in range(ROUND_BODY_CACHE + 5):
+            await node.start_round(f"t{i:03d}", 24)
+            await answer(f"t{i:03d}")
+        assert len(server._round_bodies) == ROUND_BODY_CACHE
+        nursery.cancel_scope.cancel()
+    node.store.close()
+
+
+async def _no_reconcile() -> int:
+    return 0

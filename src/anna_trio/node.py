@@ -805,12 +805,6 @@ class Node:
             "last_reload": attrs.asdict(self.reload_status),
         }
 
-    def round_detail(self, round_id: str) -> dict[str, Any] | None:
-        view = self.engine.round(round_id)
-        if view is None:
-            return None
-        return round_view_json(view)
-
 
 def round_view_json(view: RoundView) -> dict[str, Any]:
     return {
