@@ -7,11 +7,9 @@ own observation would expire during a checkpoint). Same SQL, same group commit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from anna_trio.store import Store
 
 
 class InlineStore(Store):
-    async def _blocking(self, work: Callable[[], object]) -> None:
-        work()
+    async def _checkpoint(self) -> None:
+        self.checkpoint_now()
