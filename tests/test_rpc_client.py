@@ -234,6 +234,17 @@ async def answer_forever(stream: trio.abc.Stream) -> None:
         await stream.send_all(ok_response())
 
 
+def answer_once(raw: bytes) -> Handler:
+    """A connection step: read one request, send `raw`, keep the connection open."""
+
+    async def step(stream: trio.abc.Stream) -> None:
+        await RequestReader(stream).next_request()
+        await stream.send_all(raw)
+        await trio.sleep_forever()
+
+    return step
+
+
 # --- plain HTTP against hypercorn --------------------------------------------------
 
 
@@ -368,12 +379,8 @@ async def test_reused_connection_closed_mid_response_is_not_retried() -> None:
 async def test_garbage_from_peer_is_a_connection_error() -> None:
     """Bytes that are not HTTP/1.1 give PeerConnectionError, chained to the parser error."""
 
-    async def send_garbage(stream: trio.abc.Stream) -> None:
-        await RequestReader(stream).next_request()
-        await stream.send_all(b"\x00\x01\x02 not http at all\r\n\r\n")
-        await trio.sleep_forever()
-
-    async with raw_server(Script(send_garbage)) as port:
+    garbage = answer_once(b"\x00\x01\x02 not http at all\r\n\r\n")
+    async with raw_server(Script(garbage)) as port:
         client = HttpClient("127.0.0.1", port)
         with pytest.raises(PeerConnectionError) as caught:
             await client.request("GET", "/health")
@@ -384,13 +391,9 @@ async def test_garbage_from_peer_is_a_connection_error() -> None:
 async def test_chunked_response_over_the_limit_is_refused() -> None:
     """A chunked body growing past max_response_bytes is refused while streaming."""
 
-    async def send_chunks(stream: trio.abc.Stream) -> None:
-        await RequestReader(stream).next_request()
-        chunk = b"258\r\n" + b"y" * 600 + b"\r\n"
-        await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunk * 3)
-        await trio.sleep_forever()
-
-    async with raw_server(Script(send_chunks)) as port:
+    chunk = b"258\r\n" + b"y" * 600 + b"\r\n"
+    chunks = answer_once(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunk * 3)
+    async with raw_server(Script(chunks)) as port:
         client = HttpClient("127.0.0.1", port, max_response_bytes=1000)
         with pytest.raises(PeerConnectionError, match="exceeds"):
             await client.request("GET", "/big")
@@ -630,12 +633,8 @@ async def test_an_answer_to_head_ends_with_its_head() -> None:
 
 
 async def test_a_body_sent_with_an_answer_to_head_is_not_read() -> None:
-    async def answer_head_with_body(stream: trio.abc.Stream) -> None:
-        await RequestReader(stream).next_request()
-        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 4\r\n\r\nbody")
-        await trio.sleep_forever()
-
-    async with raw_server(Script(answer_head_with_body)) as port:
+    with_body = answer_once(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 4\r\n\r\nbody")
+    async with raw_server(Script(with_body)) as port:
         client = HttpClient("127.0.0.1", port)
         response = await client.request("HEAD", "/x")
         await client.aclose()
@@ -643,12 +642,8 @@ async def test_a_body_sent_with_an_answer_to_head_is_not_read() -> None:
 
 
 async def test_informational_answers_are_skipped() -> None:
-    async def answer_after_100(stream: trio.abc.Stream) -> None:
-        await RequestReader(stream).next_request()
-        await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n" + ok_response(b'{"n":1}'))
-        await trio.sleep_forever()
-
-    async with raw_server(Script(answer_after_100)) as port:
+    after_100 = answer_once(b"HTTP/1.1 100 Continue\r\n\r\n" + ok_response(b'{"n":1}'))
+    async with raw_server(Script(after_100)) as port:
         client = HttpClient("127.0.0.1", port)
         response = await client.request("POST", "/x", body=b"{}")
         await client.aclose()
