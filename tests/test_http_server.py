@@ -153,6 +153,8 @@ async def test_chunked_body_under_the_limit_is_decoded(small_port: int) -> None:
         ),
         pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", id="h2-preface"),
         pytest.param(b"\x00\x01 junk\r\n\r\n", id="junk"),
+        pytest.param(b"GET /x HTTP/1.1\nhost: t\n\n", id="bare-lf"),
+        pytest.param(b"GET x HTTP/1.1\r\nhost: t\r\n\r\n", id="target-not-a-path"),
     ],
 )
 async def test_malformed_requests_get_400_and_close(small_port: int, sent: bytes) -> None:
