@@ -84,20 +84,23 @@ async def test_gossip_answer_with_junk_is_logged_and_ingests_nothing(
     assert node.ingested == [{"observations": [{"x": 1}]}]
 
 
-class _Reachable:
-    """A peer behind a partition that heals when the test says so; counts what arrives."""
+class _Peer:
+    """A peer that is unreachable (a partition) or busy (answers pulls, 503s gossip)
+    until the test makes it well; counts the gossip that arrives."""
 
-    def __init__(self) -> None:
-        self.up = False
+    def __init__(self, trouble: str) -> None:
+        self.trouble: str | None = trouble
         self.gossip: list[bytes] = []
 
     async def request(self, method: str, path: str, **options: Any) -> Response:
-        if not self.up:
+        if self.trouble == "unreachable":
             raise PeerConnectionError("unreachable")
-        if path == "/rpc/gossip":
-            self.gossip.append(options["body"])
-            return Response(status=200, headers={}, body=b'{"success":true}')
-        return Response(status=200, headers={}, body=b'{"rounds":[],"observations":[]}')
+        if path != "/rpc/gossip":
+            return Response(status=200, headers={}, body=b'{"rounds":[],"observations":[]}')
+        if self.trouble == "busy":
+            return Response(status=503, headers={}, body=b'{"error":"overloaded"}')
+        self.gossip.append(options["body"])
+        return Response(status=200, headers={}, body=b'{"success":true}')
 
     async def aclose(self) -> None:
         pass
@@ -108,24 +111,37 @@ class _LongestJitter(random.Random):
         return b
 
 
-async def test_queued_gossip_goes_as_soon_as_a_pull_gets_through(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """After a long partition the push loop's backoff is at its 10 s cap; when the peer
-    is back, the first answered pull ends that wait and the queued batch goes at once."""
-    peer = _Reachable()
+async def seconds_until_delivered(trouble: str) -> float:
+    """Queue a batch while the peer is in trouble for a minute (the push backoff reaches
+    its 10 s cap), make the peer well, have a pull get through: how long until the
+    batch arrives."""
+    peer = _Peer(trouble)
     link = PeerLink(PEER, _FakeNode(), lambda _: peer, Metrics("node_001"))  # type: ignore[arg-type, return-value]
     link._rng = _LongestJitter()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(link.run)
         link.enqueue("rounds", b'{"round_id":"r1","window_hours":24}')
-        await trio.sleep(60)  # the push has failed and backed off to the cap by now
+        await trio.sleep(60)
         assert peer.gossip == []
-        peer.up = True
-        healed = trio.current_time()
+        peer.trouble = None
+        well = trio.current_time()
         link.request_pull()
-        with trio.fail_after(1):
+        with trio.fail_after(20):
             while not peer.gossip:  # noqa: ASYNC110 - a fake peer: no event to wait on
                 await trio.sleep(0.01)
-        assert trio.current_time() - healed < 0.1
         nursery.cancel_scope.cancel()
+    return trio.current_time() - well
+
+
+async def test_queued_gossip_goes_as_soon_as_an_unreachable_peer_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After a partition, the first answered pull ends the push loop's backoff."""
+    assert await seconds_until_delivered("unreachable") < 0.1
+
+
+async def test_a_busy_peer_keeps_the_push_backoff(autojump_clock: trio.testing.MockClock) -> None:
+    """A peer that answered 503 is there but overloaded: an answered pull does not cut
+    the backoff short (that would add load where it hurts); the batch waits it out
+    (the 10 s backoff that began at 52.7 s ends at 62.7 s)."""
+    assert await seconds_until_delivered("busy") == pytest.approx(2.7, abs=0.2)

@@ -66,6 +66,7 @@ class PeerLink:
         self._wakeup = trio.Event()
         self._pull_now = trio.Event()
         self._answered = trio.Event()  # set by every exchange the peer answers
+        self._unreachable: dict[str, bool] = {}  # path -> its last call found no peer
         self.state = PeerState()
         self._rng = random.Random()
         self._renew: set[str] = set()
@@ -144,21 +145,25 @@ class PeerLink:
             response = await self._call(client, "/rpc/gossip", self._encode_batch(batch))
             if response is None or response.status >= 500 or response.status == 429:
                 self._requeue(batch)
-                await self._back_off(attempt)
+                await self._back_off(attempt, self._unreachable.get("/rpc/gossip", False))
                 attempt += 1
             else:
                 attempt = 0
                 if response.status == 200:
                     await self._take_answer(response)
 
-    async def _back_off(self, attempt: int) -> None:
-        """Wait out the backoff, or less: once the pull loop gets an answer the peer is
-        back, and what is queued goes now. After a partition the backoff has grown to
-        seconds (10 s cap), and a round started meanwhile would wait it out in the queue
-        (a chaos run: rounds Complete without the healed node for lack of its start)."""
+    async def _back_off(self, attempt: int, unreachable: bool) -> None:
+        """Wait out the backoff. When the push found no peer at all (not a timeout, not
+        an overloaded 5xx or 429), an answered pull ends the wait: the peer is back, and
+        what is queued goes now. After a partition the backoff has grown to seconds
+        (10 s cap), and a round started meanwhile waited it out in the queue (a chaos
+        run: rounds Complete without the healed node for lack of its start)."""
         self._answered = trio.Event()
         with trio.move_on_after(backoff_delay(attempt, self._rng)):
-            await self._answered.wait()
+            if unreachable:
+                await self._answered.wait()
+            else:
+                await trio.sleep_forever()
 
     async def _take_answer(self, response: Response) -> None:
         """The peer's own observations for the rounds we sent it (the node relays them)."""
@@ -204,6 +209,7 @@ class PeerLink:
     async def _call(self, client: HttpClient, path: str, body: bytes) -> Any:
         peer_id = self.peer.node_id
         started = time.perf_counter()
+        self._unreachable[path] = False
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
                 response = await client.request("POST", path, body=body, headers=JSON_HEADERS)
@@ -212,6 +218,7 @@ class PeerLink:
             await client.aclose()
             return None
         except PeerError as exc:
+            self._unreachable[path] = True
             self._mark(False, "error")
             if self.state.failures in (1, 10) or self.state.failures % 100 == 0:
                 log.warning("peer %s unreachable (%s); retrying with backoff", peer_id, exc)
