@@ -58,7 +58,7 @@ def feed(engine: Engine, round_id: str, values: dict[str, float], now: float = 0
 def test_open_round_is_idempotent_and_sets_deadline() -> None:
     """Opening a round twice emits RoundOpened once; deadline counts from learning."""
     engine = make_engine(round_timeout=5.0)
-    assert engine.open_round("r1", 24, now=100.0) == [RoundOpened("r1")]
+    assert engine.open_round("r1", 24, now=100.0) == [RoundOpened("r1", 24)]
     assert engine.open_round("r1", 24, now=200.0) == []
     view = engine.round("r1")
     assert view is not None
@@ -75,7 +75,7 @@ def test_observation_for_unknown_round_opens_it() -> None:
     """An observation for an unknown round creates it with the observation's window."""
     engine = make_engine()
     obs = signed_observation(A, "r1", window_hours=48)
-    assert engine.add_observation(obs, 1.0) == [RoundOpened("r1"), Accepted(obs)]
+    assert engine.add_observation(obs, 1.0) == [RoundOpened("r1", 48), Accepted(obs)]
     view = engine.round("r1")
     assert view is not None and view.window_hours == 48 and view.observations == (obs,)
 
@@ -356,7 +356,7 @@ def test_pruning_keeps_the_most_recent_rounds() -> None:
         pruned += [e.round_id for e in events if isinstance(e, RoundPruned)]
     assert pruned == ["r1", "r2", "r3"]
     assert engine.round_ids() == ["r0", "r4", "r5"]
-    assert engine.open_round("r45", 24, 0.0) == [RoundOpened("r45"), RoundPruned("r4")]
+    assert engine.open_round("r45", 24, 0.0) == [RoundOpened("r45", 24), RoundPruned("r4")]
     assert engine.open_round("a", 24, 0.0) == [RoundTooOld("a")]
 
 

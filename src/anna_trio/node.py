@@ -620,9 +620,7 @@ class Node:
                 self._own_started.discard(round_id)
                 self._relaying.discard(round_id)
                 self._relays.pop(round_id, None)
-            case ev.RoundOpened(round_id=round_id):
-                view = self.engine.round(round_id)
-                window = view.window_hours if view else 24
+            case ev.RoundOpened(round_id=round_id, window_hours=window):
                 statements.append(Store.round_stmt(round_id, window, time.time()))
                 self._schedule_own(round_id, window)
                 self._add_timer(STUCK_ROUND_FRACTION * self._round_timeout, _STUCK, round_id)

@@ -230,7 +230,7 @@ class Engine:
         self._rounds[round_id] = record
         bisect.insort(self._ids, round_id)
         heapq.heappush(self._deadlines, (deadline, round_id))
-        events.append(RoundOpened(round_id))
+        events.append(RoundOpened(round_id, window_hours))
         self._prune(events)
         # Nodes already marked at an earlier round are not waited for here either.
         self._settle(now, events, base={round_id}, final={round_id})

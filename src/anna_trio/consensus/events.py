@@ -48,6 +48,7 @@ class RoundOpened:
     """A round became known here: sign and send our own observation for it once."""
 
     round_id: str
+    window_hours: int
 
 
 @attrs.frozen
