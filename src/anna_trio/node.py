@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from . import __version__, crypto, failpoints
 from ._exceptions import ObservationError
 from .audit import AuditIdAllocator, AuditLog
+from .consensus import COMPLETE, PENDING
 from .consensus import events as ev
 from .consensus.engine import Engine, EngineConfig, RoundView
 from .metrics import Metrics
@@ -209,7 +210,7 @@ class Node:
         self._ids.raise_floor(data.max_own_audit_id)
         self.metrics.byzantine_nodes.set(len(self.engine.byzantine))
         for view in self.engine.rounds():
-            if view.status == "Complete" and view.result.consensus_tis is not None:
+            if view.status == COMPLETE and view.result.consensus_tis is not None:
                 self._note_completed(view.round_id, view.result.consensus_tis)
         log.info(
             "restored %d rounds, %d observations, %d evidence records; byzantine: %s",
@@ -225,11 +226,11 @@ class Node:
             self._nursery = nursery
             nursery.start_soon(self._state_writer)
             for round_id, obs in sorted(self._own.items()):
-                if self.engine.round(round_id) is not None:
+                if self.engine.status_of(round_id) is not None:
                     self._own_started.add(round_id)
                     nursery.start_soon(self._publish_own, obs)
             for view in self.engine.rounds():
-                if view.status == "Pending":
+                if view.status == PENDING:
                     self._schedule_own(view.round_id, view.window_hours)
             task_status.started()
             await self._deadline_loop()
@@ -262,7 +263,7 @@ class Node:
             if kind == _RELAY:
                 self._flush_relays(round_id)
             else:
-                stuck |= self.engine.status_of(round_id) == "Pending"
+                stuck |= self.engine.status_of(round_id) == PENDING
         if stuck and now >= self._quiet_until:
             self._quiet_until = now + self._round_timeout / 2
             self.outbox.pull_soon()
@@ -287,7 +288,7 @@ class Node:
             held = self._relays[obs.round_id] = []
             self._add_timer(RELAY_LINGER, _RELAY, obs.round_id)
         held.append(obs)
-        if self.engine.status_of(obs.round_id) != "Pending":
+        if self.engine.status_of(obs.round_id) != PENDING:
             self._flush_relays(obs.round_id)
 
     def _flush_relays(self, round_id: str) -> None:
@@ -685,8 +686,7 @@ class Node:
                     self._note_completed(round_id, result.consensus_tis)
                 self.mark_state_dirty()
             case ev.ResultChanged(round_id=round_id, result=result):
-                view = self.engine.round(round_id)
-                if view and view.status == "Complete" and result.consensus_tis is not None:
+                if self.engine.status_of(round_id) == COMPLETE and result.consensus_tis is not None:
                     self._note_completed(round_id, result.consensus_tis)
             case ev.RoundFailed(round_id=round_id):
                 self._flush_relays(round_id)
@@ -751,9 +751,8 @@ class Node:
     def _last_completed(self) -> RoundView | None:
         """The Complete round with the highest id, without a view of every retained round."""
         for round_id in reversed(self.engine.round_ids()):
-            view = self.engine.round(round_id)
-            if view is not None and view.status == "Complete":
-                return view
+            if self.engine.status_of(round_id) == COMPLETE:
+                return self.engine.round(round_id)
         return None
 
     def _recent_views(self, limit: int) -> list[RoundView]:
