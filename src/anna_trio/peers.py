@@ -7,6 +7,7 @@ that cannot reach its peer only ever delays itself: the node never waits on it.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import random
@@ -35,6 +36,13 @@ MAX_QUEUE = 10_000
 MAX_BATCH_BYTES = 48 * 1024
 KINDS = ("rounds", "evidence", "observations")
 JSON_HEADERS = {"content-type": "application/json"}
+
+
+class Unanswered(enum.Enum):
+    """Why a peer call got no HTTP answer; the value is its peer_request status label."""
+
+    TIMEOUT = "timeout"
+    UNREACHABLE = "error"  # connect, TLS or I/O failed: nobody there to answer
 
 
 def backoff_delay(attempt: int, rng: random.Random) -> float:
@@ -66,7 +74,6 @@ class PeerLink:
         self._wakeup = trio.Event()
         self._pull_now = trio.Event()
         self._answered = trio.Event()  # set by every exchange the peer answers
-        self._unreachable: dict[str, bool] = {}  # path -> its last call found no peer
         self.state = PeerState()
         self._rng = random.Random()
         self._renew: set[str] = set()
@@ -143,27 +150,32 @@ class PeerLink:
             batch = self._take_batch()
             client = await self._swap_if_renewed("push", client)
             response = await self._call(client, "/rpc/gossip", self._encode_batch(batch))
-            if response is None or response.status >= 500 or response.status == 429:
+            if (
+                not isinstance(response, Response)
+                or response.status >= 500
+                or response.status == 429
+            ):
                 self._requeue(batch)
-                await self._back_off(attempt, self._unreachable.get("/rpc/gossip", False))
+                await self._back_off(attempt, until_answered=response is Unanswered.UNREACHABLE)
                 attempt += 1
             else:
                 attempt = 0
                 if response.status == 200:
                     await self._take_answer(response)
 
-    async def _back_off(self, attempt: int, unreachable: bool) -> None:
+    async def _back_off(self, attempt: int, *, until_answered: bool) -> None:
         """Wait out the backoff. When the push found no peer at all (not a timeout, not
         an overloaded 5xx or 429), an answered pull ends the wait: the peer is back, and
         what is queued goes now. After a partition the backoff has grown to seconds
         (10 s cap), and a round started meanwhile waited it out in the queue (a chaos
         run: rounds Complete without the healed node for lack of its start)."""
+        delay = backoff_delay(attempt, self._rng)
+        if not until_answered:
+            await trio.sleep(delay)
+            return
         self._answered = trio.Event()
-        with trio.move_on_after(backoff_delay(attempt, self._rng)):
-            if unreachable:
-                await self._answered.wait()
-            else:
-                await trio.sleep_forever()
+        with trio.move_on_after(delay):
+            await self._answered.wait()
 
     async def _take_answer(self, response: Response) -> None:
         """The peer's own observations for the rounds we sent it (the node relays them)."""
@@ -197,7 +209,7 @@ class PeerLink:
             "/rpc/sync",
             json.dumps(self._node.sync_request(), separators=(",", ":")).encode(),
         )
-        if response is None or response.status != 200:
+        if not isinstance(response, Response) or response.status != 200:
             return False
         try:
             payload = response.json()
@@ -206,23 +218,21 @@ class PeerLink:
         await self._node.ingest(payload)
         return True
 
-    async def _call(self, client: HttpClient, path: str, body: bytes) -> Any:
+    async def _call(self, client: HttpClient, path: str, body: bytes) -> Response | Unanswered:
         peer_id = self.peer.node_id
         started = time.perf_counter()
-        self._unreachable[path] = False
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
                 response = await client.request("POST", path, body=body, headers=JSON_HEADERS)
         except trio.TooSlowError:
-            self._mark(False, "timeout")
+            self._mark(False, Unanswered.TIMEOUT.value)
             await client.aclose()
-            return None
+            return Unanswered.TIMEOUT
         except PeerError as exc:
-            self._unreachable[path] = True
-            self._mark(False, "error")
+            self._mark(False, Unanswered.UNREACHABLE.value)
             if self.state.failures in (1, 10) or self.state.failures % 100 == 0:
                 log.warning("peer %s unreachable (%s); retrying with backoff", peer_id, exc)
-            return None
+            return Unanswered.UNREACHABLE
         self._metrics.peer_request_duration.labels(peer_id).observe(time.perf_counter() - started)
         if response.status >= 500:
             self._mark(False, "error")
