@@ -76,17 +76,6 @@ class _Malformed(Exception):
     pass
 
 
-@attrs.frozen
-class _Head:
-    """A parsed request without its client address (the connection adds that)."""
-
-    method: str
-    target: str
-    headers: dict[str, str]
-    body: bytes
-    keep_alive: bool
-
-
 class _RequestParser:
     """Feeds one connection's bytes to llhttp; completed requests queue up (pipelining).
 
@@ -94,10 +83,11 @@ class _RequestParser:
     over the limit is refused from its Content-Length and never buffered, and a head
     never grows past MAX_HEADER_BYTES (plus one read, for a head that never ends)."""
 
-    def __init__(self, max_body: Callable[[], int]) -> None:
+    def __init__(self, client: str, max_body: Callable[[], int]) -> None:
         self._parser = httptools.HttpRequestParser(self)
+        self._client = client
         self._max_body = max_body
-        self.ready: collections.deque[_Head] = collections.deque()
+        self.ready: collections.deque[tuple[Request, bool]] = collections.deque()  # keep-alive?
         self.failure: Exception | None = None  # raised once the ready requests are answered
         self.ends_after_ready = False  # an upgrade or CONNECT: answer what came, then close
         self.in_message = False
@@ -156,15 +146,16 @@ class _RequestParser:
 
     def on_message_complete(self) -> None:
         self.in_message = False
-        self.ready.append(
-            _Head(
-                method=self._parser.get_method().decode("latin-1").upper(),
-                target=self._url.decode("latin-1"),
-                headers=self._headers,
-                body=b"".join(self._body),
-                keep_alive=self._parser.should_keep_alive(),
-            )
+        target = urlsplit(self._url.decode("latin-1"))
+        request = Request(
+            method=self._parser.get_method().decode("latin-1").upper(),
+            path=target.path,
+            query=parse_qs(target.query, keep_blank_values=True),
+            headers=self._headers,
+            body=b"".join(self._body),
+            client=self._client,
         )
+        self.ready.append((request, self._parser.should_keep_alive()))
 
     def _count_head(self, size: int) -> None:
         self._head_size += size
@@ -268,10 +259,10 @@ class HttpServer:
             await trio.aclose_forcefully(stream)
 
     async def _serve_requests(self, stream: trio.abc.Stream, client: str) -> None:
-        parser = _RequestParser(self._max_body)
+        parser = _RequestParser(client, self._max_body)
         while True:
             try:
-                head = await self._next_request(stream, parser)
+                ready = await self._next_request(stream, parser)
             except _Malformed as exc:
                 await self._send_error(stream, 400, "bad_request", f"malformed HTTP: {exc}")
                 return
@@ -280,19 +271,11 @@ class HttpServer:
                 await self._send_error(stream, 413, "payload_too_large", f"body over {limit} bytes")
                 await _drain(stream)
                 return
-            if head is None:
+            if ready is None:
                 return
-            parts = urlsplit(head.target)
-            request = Request(
-                method=head.method,
-                path=parts.path,
-                query=parse_qs(parts.query, keep_blank_values=True),
-                headers=head.headers,
-                body=head.body,
-                client=client,
-            )
+            request, keep_alive = ready
             response = await self._answer(request)
-            keep_alive = head.keep_alive and not self._closing
+            keep_alive = keep_alive and not self._closing
             await stream.send_all(_encode(response, keep_alive))
             if not keep_alive:
                 return
@@ -309,9 +292,12 @@ class HttpServer:
             response = attrs.evolve(response, body=b"")
         return response
 
-    async def _next_request(self, stream: trio.abc.Stream, parser: _RequestParser) -> _Head | None:
-        """The next whole request, or None when the client (or shutdown) ends the
-        connection or a head or body stalls past its timeout. The keep-alive wait starts
+    async def _next_request(
+        self, stream: trio.abc.Stream, parser: _RequestParser
+    ) -> tuple[Request, bool] | None:
+        """The next whole request and whether its client keeps the connection open, or
+        None when the client (or shutdown) ends the connection or a head or body stalls
+        past its timeout. The keep-alive wait starts
         at the end of the previous request; the head has HEADER_TIMEOUT from its first
         byte, the body BODY_TIMEOUT from the end of the head."""
         deadline = trio.current_time() + (
