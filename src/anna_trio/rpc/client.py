@@ -25,6 +25,7 @@ import httptools
 import trio
 
 from anna_trio._exceptions import PeerError
+from anna_trio.rpc.tlsstream import TlsStream
 
 __all__ = [
     "HttpClient",
@@ -255,12 +256,8 @@ class HttpClient:
         self._socket_stream = tcp
         return stream
 
-    async def _handshake(
-        self, tcp: trio.SocketStream, context: ssl.SSLContext
-    ) -> trio.SSLStream[trio.SocketStream]:
-        tls = trio.SSLStream(
-            tcp, context, server_hostname=self._server_hostname, https_compatible=True
-        )
+    async def _handshake(self, tcp: trio.SocketStream, context: ssl.SSLContext) -> TlsStream:
+        tls = TlsStream(tcp, context, server_side=False, server_hostname=self._server_hostname)
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as exc:
@@ -270,8 +267,7 @@ class HttpClient:
                 f"TLS handshake with {self._address} failed: {exc!r}"
             ) from exc
         if self._verify_peer is not None:
-            # trio forwards only some SSLObject attributes; the check wants the object.
-            refusal = self._verify_peer(tls._ssl_object)
+            refusal = self._verify_peer(tls.ssl_object)
             if refusal is not None:
                 self._report_tls_failure(refusal)
                 raise PeerTLSError(

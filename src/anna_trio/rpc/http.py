@@ -29,6 +29,8 @@ import attrs
 import httptools
 import trio
 
+from anna_trio.rpc.tlsstream import TlsStream
+
 log = logging.getLogger("anna.http")
 
 MAX_HEADER_BYTES = 16 * 1024
@@ -240,7 +242,7 @@ class HttpServer:
             return
         stream: trio.abc.Stream
         if self._ssl is not None:
-            tls_stream = trio.SSLStream(tcp, self._ssl, server_side=True, https_compatible=True)
+            tls_stream = TlsStream(tcp, self._ssl, server_side=True)
             try:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
                     await tls_stream.do_handshake()
