@@ -990,6 +990,9 @@ def fuzz_round_start(target: Target, examples: int) -> None:
         if len(body) > MAX_BODY:  # refused before the body is read, key or no key
             assert response.status == 413, (response.status, answer)
             return
+        if key == "":  # as on /rpc/submit: a key is 1-255 characters
+            assert (response.status, answer["error"]) == (400, "bad_idempotency_key"), answer
+            return
         if key is not None and key in target.round_answers:
             assert (response.status, answer) == target.round_answers[key]
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -217,6 +218,62 @@ async def test_status_answers_follow_the_round_and_are_encoded_once_per_change(
         assert len(server._round_bodies) == ROUND_BODY_CACHE
         nursery.cancel_scope.cancel()
     node.store.close()
+
+
+def _start_request(key: str, body: bytes = b"") -> Request:
+    return Request("POST", "/rpc/round/start", {}, {"idempotency-key": key}, body, "127.0.0.1")
+
+
+async def _serve_once(
+    directory: Path, requests: list[Request]
+) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    """Start node_001 on `directory`, send `requests` to its RPC server all at once, and
+    stop it: their answers, and the rounds the node then knows."""
+    node = make_node(directory, "node_002", "node_003")
+    node.restore()
+    server = RpcServer(node, node.metrics, reconcile=_no_reconcile)
+    answers: list[tuple[int, dict[str, Any]]] = [(0, {})] * len(requests)
+
+    async def send(i: int, request: Request) -> None:
+        response = await server.handle(request)
+        answers[i] = (response.status, json.loads(response.body))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.store.run)
+        await nursery.start(node.run)
+        async with trio.open_nursery() as senders:
+            for i, request in enumerate(requests):
+                senders.start_soon(send, i, request)
+        rounds = node.engine.round_ids()
+        nursery.cancel_scope.cancel()
+    node.store.close()
+    return answers, rounds
+
+
+async def test_a_round_start_key_keeps_its_answer_across_a_restart(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """SPEC §7: a repeated Idempotency-Key gets the original answer. A start without a
+    round_id makes up a new id, so a repeat after a restart must not make up another."""
+    [(status, first)], rounds = await _serve_once(tmp_path, [_start_request("k1")])
+    assert status == 202 and rounds == [first["round_id"]]
+    [again, other], rounds = await _serve_once(
+        tmp_path, [_start_request("k1"), _start_request("k2", b'{"round_id": "r_other"}')]
+    )
+    assert again == (202, first)
+    assert other == (202, {"success": True, "round_id": "r_other"})
+    assert rounds == sorted([first["round_id"], "r_other"])
+    [refused], _ = await _serve_once(tmp_path, [_start_request("", b"{}")])
+    assert refused[0] == 400 and refused[1]["error"] == "bad_idempotency_key"
+
+
+async def test_repeats_of_a_key_in_flight_together_start_one_round(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The second request waits for the first instead of opening a round of its own."""
+    answers, rounds = await _serve_once(tmp_path, [_start_request("same")] * 3)
+    assert len(rounds) == 1
+    assert answers == [(202, {"success": True, "round_id": rounds[0]})] * 3
 
 
 async def _no_reconcile() -> int:

@@ -297,12 +297,10 @@ class Node:
 
     # --- inbound: external submit ----------------------------------------------------
 
-    async def submit(self, payload: Any, idempotency_key: str | None = None) -> Reply:
-        """POST /rpc/submit: validate, verify, decide, persist, then answer."""
-        if idempotency_key is not None:
-            stored = self.store.idempotent_answer("submit:" + idempotency_key)
-            if stored is not None:
-                return Reply(stored[0], stored[1])
+    async def submit(self, payload: Any, remember_as: str | None = None) -> Reply:
+        """POST /rpc/submit: validate, verify, decide, persist, then answer. With
+        `remember_as` (an Idempotency-Key's name), the answer is committed with the
+        observation, so a repeat gets it even after kill -9."""
         if not isinstance(payload, dict) or set(payload) != {"observation"}:
             reply = error_reply(
                 422, "invalid_request", 'body must be {"observation": {...}}', "invalid"
@@ -318,12 +316,18 @@ class Node:
         events = self.engine.add_observation(obs, trio.current_time())
         reply = self._submit_reply(events)
         extra = []
-        if idempotency_key is not None and reply.status < 500:
-            extra.append(
-                Store.idempotency_stmt("submit:" + idempotency_key, reply.status, reply.body)
-            )
+        if remember_as is not None and reply.status < 500:
+            extra.append(Store.idempotency_stmt(remember_as, reply.status, reply.body))
         await self._commit_events(events, extra)
         return reply
+
+    async def remember_answer(self, name: str, reply: Reply) -> None:
+        """Make `reply` the durable answer to requests repeating an Idempotency-Key."""
+        await self.store.commit([Store.idempotency_stmt(name, reply.status, reply.body)])
+
+    def remembered_answer(self, name: str) -> Reply | None:
+        stored = self.store.idempotent_answer(name)
+        return None if stored is None else Reply(stored[0], stored[1])
 
     def _submit_reply(self, events: Iterable[ev.Event]) -> Reply:
         for event in events:

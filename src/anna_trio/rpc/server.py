@@ -28,7 +28,6 @@ from .ratelimit import TokenBuckets, retry_after_header
 log = logging.getLogger("anna.rpc")
 
 MAX_IN_FLIGHT = 512
-IDEMPOTENCY_CACHE = 10_000
 ROUND_BODY_CACHE = 64  # rounds whose status answer is kept encoded (the ones being polled)
 
 Route = Callable[[Request], Awaitable[Response]]
@@ -76,7 +75,7 @@ class RpcServer:
         self.exempt_addresses: frozenset[str] = frozenset()
         self._buckets = TokenBuckets(self.limits.rate_per_client, self.limits.burst)
         self._in_flight = trio.CapacityLimiter(MAX_IN_FLIGHT)
-        self._round_answers: OrderedDict[str, Reply] = OrderedDict()
+        self._keys_in_flight: dict[str, trio.Event] = {}
         self._round_bodies: OrderedDict[str, tuple[RoundView, bytes]] = OrderedDict()
         self._routes: dict[str, dict[str, Route]] = {
             "/health": {"GET": self._health},
@@ -132,35 +131,51 @@ class RpcServer:
         return _reply(Reply(200, self.node.health()))
 
     async def _submit(self, request: Request) -> Response:
-        async def work() -> Reply:
+        async def work(name: str | None) -> Reply:
             payload = _decode_json(request)
             if isinstance(payload, Reply):
                 return payload
-            key = request.headers.get("idempotency-key")
-            if key is not None and not 1 <= len(key) <= 255:
-                return error_reply(
-                    400, "bad_idempotency_key", "Idempotency-Key must be 1-255 chars"
-                )
-            return await self.node.submit(payload, key)
+            return await self.node.submit(payload, name)
 
-        return await self._guarded(work)
+        return await self._guarded(lambda: self._answer_once("submit", request, work))
 
     async def _round_start(self, request: Request) -> Response:
-        async def work() -> Reply:
-            key = request.headers.get("idempotency-key")
-            if key is not None and key in self._round_answers:
-                return self._round_answers[key]
+        async def work(name: str | None) -> Reply:
             payload = _decode_json(request) if request.body else {}
             if isinstance(payload, Reply):
                 return payload
             reply = await self._start(payload)
-            if key is not None and reply.status < 500:
-                self._round_answers[key] = reply
-                while len(self._round_answers) > IDEMPOTENCY_CACHE:
-                    self._round_answers.popitem(last=False)
+            if name is not None and reply.status < 500:
+                await self.node.remember_answer(name, reply)
             return reply
 
-        return await self._guarded(work)
+        return await self._guarded(lambda: self._answer_once("round_start", request, work))
+
+    async def _answer_once(
+        self, route: str, request: Request, work: Callable[[str | None], Awaitable[Reply]]
+    ) -> Reply:
+        """Idempotency-Key (SPEC §7): a repeated key gets the first answer, which `work`
+        stores (under the name it is given) with its effects, so it survives kill -9. A
+        repeat that arrives while the first is still being answered waits for it rather
+        than doing the work twice (two round starts without a round_id would open two
+        rounds). Keys are per route."""
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            return await work(None)
+        if not 1 <= len(key) <= 255:
+            return error_reply(400, "bad_idempotency_key", "Idempotency-Key must be 1-255 chars")
+        name = f"{route}:{key}"
+        while (running := self._keys_in_flight.get(name)) is not None:
+            await running.wait()
+        stored = self.node.remembered_answer(name)
+        if stored is not None:
+            return stored
+        self._keys_in_flight[name] = done = trio.Event()
+        try:
+            return await work(name)
+        finally:
+            del self._keys_in_flight[name]
+            done.set()
 
     async def _start(self, payload: Any) -> Reply:
         if payload is None:
