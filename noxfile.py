@@ -12,7 +12,7 @@ nox.options.reuse_existing_virtualenvs = True
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
-    """ruff check, ruff format --check and strict mypy over the package."""
+    """ruff check, ruff format --check and strict mypy over the package and benchmarks."""
     session.install("-e", ".[test]", "ruff>=0.6", "mypy>=1.11")
     session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
     session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py")

@@ -20,9 +20,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anna_trio.audit import AuditIdAllocator, AuditLog
+
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
 from anna_trio.state.migration import MigrationOutcome, audit_floor_from_state, migrate_state
 
 TARGET_MEDIAN_MS = 5.0
@@ -62,7 +65,7 @@ class FsyncCounter:
         self.calls = 0
         self.real = os.fsync
 
-    def __call__(self, fd: int) -> None:
+    def __call__(self, fd: FileDescriptorLike) -> None:
         self.calls += 1
         self.real(fd)
 
