@@ -11,8 +11,8 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +27,25 @@ STOP_TIMEOUT = 10.0
 POLL_TIMEOUT = 15.0
 
 
-class Nodes:
-    """The annad processes of one layout, by node number."""
+class LiveCluster:
+    """The annad processes of one testnet layout, by node number."""
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
 
-    def spawn(self, *numbers: int, env: dict[str, str] | None = None) -> None:
-        """Start nodes without waiting (then `await testnet.wait_ready(layout, numbers)`)."""
-        for ep in self.layout.endpoints:
-            if ep.n in numbers:
-                self.processes[ep.n] = testnet.start_node(self.layout, ep, env)
+    def endpoint(self, n: int) -> testnet.NodeEndpoint:
+        return self.layout.endpoints[n - 1]
 
-    async def ready(self) -> None:
-        """Wait until every started node answers /ready."""
-        await testnet.wait_ready(self.layout, sorted(self.processes))
+    def start(self, *numbers: int, env: dict[str, str] | None = None) -> None:
+        """Start nodes without waiting (then `await wait_ready()`)."""
+        for n in numbers:
+            assert n not in self.processes, f"node {n} is already running"
+            self.processes[n] = testnet.start_node(self.layout, self.endpoint(n), env)
+
+    async def wait_ready(self, *numbers: int) -> None:
+        """Wait until the given nodes (default: every started one) answer /ready."""
+        await testnet.wait_ready(self.layout, list(numbers or sorted(self.processes)))
 
     def pid(self, n: int) -> int:
         return self.processes[n].pid
@@ -50,13 +53,41 @@ class Nodes:
     def signal(self, n: int, signum: int) -> None:
         os.kill(self.pid(n), signum)
 
-    def stop_all(self) -> None:
-        """SIGTERM everything still running (a stopped process is continued first), then
-        SIGKILL whatever has not exited after STOP_TIMEOUT."""
-        testnet.stop_processes(self.processes, STOP_TIMEOUT)
+    def kill(self, n: int) -> int:
+        """SIGKILL, as in a crash; returns the exit status. `start(n)` runs it again."""
+        process = self.processes.pop(n)
+        process.kill()
+        return process.wait()
+
+    def stop_all(self) -> dict[int, int]:
+        """SIGTERM everything still running (a stopped process is continued first),
+        SIGKILL whatever has not exited after STOP_TIMEOUT; returns exit statuses."""
+        codes = testnet.stop_processes(self.processes, STOP_TIMEOUT)
+        self.processes.clear()
+        return codes
 
     def log(self, n: int) -> str:
         return (self.layout.node_dir(n) / "annad.log").read_text(errors="replace")
+
+    def log_tail(self, n: int, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log(n).splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    @asynccontextmanager
+    async def connect(self) -> AsyncIterator[Cluster]:
+        """RPC over mTLS (or plain HTTP), metrics and failpoints over plain HTTP."""
+        client = Cluster(self.layout)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
+    async def metrics(self, n: int) -> Samples:
+        """GET /metrics of node n on a connection of its own."""
+        async with self.connect() as client:
+            return await metrics(client, n)
 
 
 @contextmanager
@@ -65,19 +96,19 @@ def running(
     count: int = 3,
     *,
     start: int | None = None,
-    prepare: Callable[[Nodes], None] | None = None,
+    prepare: Callable[[LiveCluster], None] | None = None,
     env: dict[str, str] | None = None,
-) -> Iterator[Nodes]:
+) -> Iterator[LiveCluster]:
     """A fresh TLS layout of `count` nodes with the first `start` (default all) started,
-    not yet ready: `await nodes.ready()` (or `trio.run(nodes.ready)` outside trio).
-    `prepare` may rewrite files between init and start."""
+    not yet ready: `await nodes.wait_ready()` (or `trio.run(nodes.wait_ready)` outside
+    trio). `prepare` may rewrite files between init and start."""
     layout = testnet.free_layout(directory, count)
     testnet.init(layout)
-    nodes = Nodes(layout)
+    nodes = LiveCluster(layout)
     if prepare is not None:
         prepare(nodes)
     try:
-        nodes.spawn(*range(1, (start if start is not None else count) + 1), env=env)
+        nodes.start(*range(1, (start if start is not None else count) + 1), env=env)
         yield nodes
     finally:
         nodes.stop_all()
@@ -123,7 +154,7 @@ async def status(cluster: Cluster, n: int) -> dict[str, Any]:
     return dict(data)
 
 
-async def reload(cluster: Cluster, nodes: Nodes, n: int, expect: str) -> dict[str, Any]:
+async def reload(cluster: Cluster, nodes: LiveCluster, n: int, expect: str) -> dict[str, Any]:
     """SIGHUP node n, wait for its reload counter `expect` to grow; returns /rpc/status."""
     before = await metric(cluster, n, "anna_peer_reload_total", result=expect)
     nodes.signal(n, signal.SIGHUP)
@@ -135,21 +166,21 @@ async def reload(cluster: Cluster, nodes: Nodes, n: int, expect: str) -> dict[st
     return await status(cluster, n)
 
 
-def audit_entries(nodes: Nodes, n: int, event: str) -> list[dict[str, Any]]:
+def audit_entries(nodes: LiveCluster, n: int, event: str) -> list[dict[str, Any]]:
     path = nodes.layout.node_dir(n) / "audit.jsonl"
     entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [entry for entry in entries if entry.get("event") == event]
 
 
-def peers_file(nodes: Nodes, n: int) -> Path:
+def peers_file(nodes: LiveCluster, n: int) -> Path:
     return nodes.layout.node_dir(n) / "peers.yml"
 
 
-def read_peers(nodes: Nodes, n: int) -> dict[str, Any]:
+def read_peers(nodes: LiveCluster, n: int) -> dict[str, Any]:
     return dict(YAML(typ="safe").load(peers_file(nodes, n).read_text()))
 
 
-def write_peers(nodes: Nodes, n: int, document: dict[str, Any] | str) -> None:
+def write_peers(nodes: LiveCluster, n: int, document: dict[str, Any] | str) -> None:
     """Replace node n's peers.yml atomically (a reload never reads half a file)."""
     path = peers_file(nodes, n)
     if isinstance(document, str):

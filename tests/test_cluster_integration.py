@@ -22,9 +22,10 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from _launch import LiveCluster
 from anna_trio import testnet
 from anna_trio.sim import signed_observation
-from conftest import LiveCluster, console_script
+from conftest import console_script
 
 pytestmark = pytest.mark.integration
 

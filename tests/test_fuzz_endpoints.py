@@ -34,12 +34,12 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _launch import LiveCluster, value
 from anna_trio import failpoints, tls
 from anna_trio.config import load_cluster_config
 from anna_trio.models import COMPONENT_NAMES, OBSERVATION_FIELDS, ROUND_ID_RE
 from anna_trio.rpc.client import HttpClient, PeerConnectionError, Response, encode_header
 from anna_trio.sim import signed_observation
-from conftest import LiveCluster
 
 pytestmark = [
     pytest.mark.integration,
@@ -51,7 +51,6 @@ OUTSIDER = "node_002"
 MAX_BODY = 64 * 1024
 REQUEST_TIMEOUT = 10.0
 RAW_READ_TIMEOUT = 2.0
-ACCEPTED = ("anna_observations_received_total", (("result", "accepted"),))
 BASE_FLAGS = ((), ("RecencyBias",), ("AnchoringBias", "RecencyBias"))
 START_IDS = tuple(f"fuzz_start_{n}" for n in range(4))
 ENDPOINTS = (
@@ -237,7 +236,8 @@ class Target:
         return {
             "rounds": [(r["round_id"], r["total_observations"]) for r in status["rounds"]],
             "byzantine_nodes": status["byzantine_nodes"],
-            "accepted": metrics.get(ACCEPTED, 0.0),
+            "accepted": value(metrics, "anna_observations_received_total", result="accepted")
+            or 0.0,
         }
 
     def settled_snapshot(self) -> dict[str, Any]:

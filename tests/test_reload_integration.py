@@ -20,7 +20,7 @@ import trio
 import trio.lowlevel
 
 from _launch import (
-    Nodes,
+    LiveCluster,
     audit_entries,
     metric,
     metrics,
@@ -33,7 +33,7 @@ from _launch import (
     status,
     write_peers,
 )
-from anna_trio import testnet, tls
+from anna_trio import tls
 from anna_trio.coordinator import interval_round_id
 from anna_trio.rpc.client import HttpClient
 from anna_trio.testnet import Cluster
@@ -101,7 +101,7 @@ async def _peers_up(cluster: Cluster, n: int, expected: set[str]) -> bool:
 
 @pytest.mark.parametrize(("break_file", "reason"), BAD_FILES)
 async def test_bad_file_keeps_the_running_config(
-    cluster: Cluster, nodes: Nodes, break_file: Any, reason: str
+    cluster: Cluster, nodes: LiveCluster, break_file: Any, reason: str
 ) -> None:
     """A reload of a bad peers.yml is refused, reported everywhere, and changes nothing."""
     original = peers_file(nodes, 1).read_text()
@@ -135,7 +135,7 @@ async def test_bad_file_keeps_the_running_config(
     assert await metric(cluster, 1, "anna_config_last_reload_successful") == 1
 
 
-async def test_valid_reload_reports_what_changed(cluster: Cluster, nodes: Nodes) -> None:
+async def test_valid_reload_reports_what_changed(cluster: Cluster, nodes: LiveCluster) -> None:
     """A valid reload counts success, updates last_reload and audits added/removed/changed."""
     original = peers_file(nodes, 1).read_text()
     document = read_peers(nodes, 1)
@@ -164,7 +164,7 @@ async def test_valid_reload_reports_what_changed(cluster: Cluster, nodes: Nodes)
         await reload(cluster, nodes, 1, "success")
 
 
-def _annactl_reload(nodes: Nodes) -> subprocess.CompletedProcess[str]:
+def _annactl_reload(nodes: LiveCluster) -> subprocess.CompletedProcess[str]:
     node_dir = nodes.layout.node_dir(1)
     return subprocess.run(
         [
@@ -183,7 +183,7 @@ def _annactl_reload(nodes: Nodes) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def test_annactl_reload_reports_the_outcome(nodes: Nodes) -> None:
+async def test_annactl_reload_reports_the_outcome(nodes: LiveCluster) -> None:
     """annactl reload exits 0 on a good reload and 1 naming the reason on a bad one."""
     good = await trio.to_thread.run_sync(_annactl_reload, nodes)
     assert good.returncode == 0, good.stderr
@@ -200,7 +200,7 @@ async def test_annactl_reload_reports_the_outcome(nodes: Nodes) -> None:
     assert again.returncode == 0, again.stderr
 
 
-async def test_sighup_burst_during_rounds(cluster: Cluster, nodes: Nodes) -> None:
+async def test_sighup_burst_during_rounds(cluster: Cluster, nodes: LiveCluster) -> None:
     """20 SIGHUPs (alternating configs) mid-round: rounds complete, one link per peer remains."""
     original = peers_file(nodes, 1).read_text()
     failures_before = await metric(cluster, 1, "anna_peer_reload_total", result="failure")
@@ -236,7 +236,7 @@ async def test_sighup_burst_during_rounds(cluster: Cluster, nodes: Nodes) -> Non
     await round_everywhere(cluster, "after_burst", [1, 2, 3], ALL_THREE)
 
 
-async def test_stopped_peer_backs_off_and_converges(cluster: Cluster, nodes: Nodes) -> None:
+async def test_stopped_peer_backs_off_and_converges(cluster: Cluster, nodes: LiveCluster) -> None:
     """Node 3 frozen for 30 s: node 1 marks it down and backs off, rounds complete with
     nodes 1 and 2, and after resume node 3 is up again and agrees on those rounds."""
 
@@ -308,7 +308,7 @@ async def test_validator_added_then_removed_while_rounds_run(tmp_path: Path) -> 
     again drops its link and its metric series."""
     four_node: dict[int, str] = {}
 
-    def start_with_three(nodes: Nodes) -> None:
+    def start_with_three(nodes: LiveCluster) -> None:
         for n in range(1, 5):
             four_node[n] = peers_file(nodes, n).read_text()
         for n in (1, 2, 3):
@@ -316,7 +316,7 @@ async def test_validator_added_then_removed_while_rounds_run(tmp_path: Path) -> 
 
     env = {"ANNA_ROUND_INTERVAL": "1"}
     with running(tmp_path / "testnet", 4, start=3, prepare=start_with_three, env=env) as nodes:
-        await nodes.ready()
+        await nodes.wait_ready()
         cluster = Cluster(nodes.layout)
         try:
             for n in (1, 2, 3):
@@ -326,8 +326,8 @@ async def test_validator_added_then_removed_while_rounds_run(tmp_path: Path) -> 
 
             for n in (1, 2, 3):
                 write_peers(nodes, n, four_node[n])
-            nodes.spawn(4, env=env)
-            await testnet.wait_ready(nodes.layout, [4])
+            nodes.start(4, env=env)
+            await nodes.wait_ready(4)
             for n in (1, 2, 3):
                 answer = await reload(cluster, nodes, n, "success")
                 assert (answer["validator_count"], answer["quorum"]) == (4, 3)
@@ -354,7 +354,7 @@ async def test_validator_added_then_removed_while_rounds_run(tmp_path: Path) -> 
             await cluster.aclose()
 
 
-async def _served_certificate(nodes: Nodes, n: int) -> bytes:
+async def _served_certificate(nodes: LiveCluster, n: int) -> bytes:
     """The DER certificate a brand-new client connection to node n is shown."""
     seen: list[bytes] = []
 
@@ -381,7 +381,7 @@ async def test_certificate_rotation_applies_to_new_connections(tmp_path: Path) -
     """A renewed node certificate is served and presented after SIGHUP: new clients see
     it, and peers still accept node 1 once its old certificate is revoked."""
     with running(tmp_path / "testnet") as nodes:
-        await nodes.ready()
+        await nodes.wait_ready()
         cluster = Cluster(nodes.layout)
         try:
             node1_cert = nodes.layout.node_dir(1) / "tls" / "node_001.pem"
@@ -406,12 +406,11 @@ async def test_certificate_rotation_applies_to_new_connections(tmp_path: Path) -
             assert tls.revoke(ca_dir, old_copy)
             for n in (2, 3):
                 await reload(cluster, nodes, n, "success")
-            nodes.signal(2, signal.SIGKILL)
-            await trio.to_thread.run_sync(nodes.processes[2].wait, 10)
+            assert nodes.kill(2) == -signal.SIGKILL
             await cluster.aclose()
             cluster = Cluster(nodes.layout)  # its client certificate is node 1's: renewed too
-            nodes.spawn(2)
-            await testnet.wait_ready(nodes.layout, [2])
+            nodes.start(2)
+            await nodes.wait_ready(2)
             reached = await metric(
                 cluster, 1, "anna_peer_request_total", peer="node_002", status="success"
             )

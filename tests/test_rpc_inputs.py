@@ -19,10 +19,10 @@ import httpx
 import pytest
 import trio
 
+from _launch import LiveCluster, value
 from anna_trio import tls
 from anna_trio.config import load_cluster_config
 from anna_trio.sim import signed_observation
-from conftest import LiveCluster
 
 pytestmark = pytest.mark.integration
 
@@ -106,10 +106,10 @@ async def snapshot(cluster: LiveCluster, rpc: httpx.AsyncClient) -> tuple[Any, d
                 await trio.sleep(0.05)
     metrics = await cluster.metrics(1)
     counters = {
-        result: metrics.get(("anna_observations_received_total", (("result", result),)), 0.0)
+        result: value(metrics, "anna_observations_received_total", result=result) or 0.0
         for result in RESULTS
     }
-    counters["rounds"] = metrics[("anna_consensus_rounds_total", ())]
+    counters["rounds"] = value(metrics, "anna_consensus_rounds_total") or 0.0
     return settled, counters
 
 
@@ -388,7 +388,7 @@ async def test_rate_limit_applies_to_clients_but_never_to_validators(
     transport = httpx.AsyncHTTPTransport(
         local_address=RATE_LIMITED_SOURCE, verify=client_ssl(cluster)
     )
-    before = (await cluster.metrics(1))[("anna_rate_limited_total", ())]
+    before = value(await cluster.metrics(1), "anna_rate_limited_total")
     async with httpx.AsyncClient(
         base_url=str(rpc.base_url), transport=transport, timeout=10
     ) as outsider:
@@ -404,7 +404,8 @@ async def test_rate_limit_applies_to_clients_but_never_to_validators(
     for answer in limited:
         assert_error(answer, 429)
         assert int(answer.headers["retry-after"]) >= 1
-    after = (await cluster.metrics(1))[("anna_rate_limited_total", ())]
+    after = value(await cluster.metrics(1), "anna_rate_limited_total")
+    assert after is not None and before is not None
     assert after - before == len(limited)
 
     validator = [(await rpc.get("/health")).status_code for _ in range(40)]

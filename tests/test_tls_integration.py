@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from _launch import (
-    Nodes,
+    LiveCluster,
     metric,
     peers_file,
     poll,
@@ -40,7 +40,7 @@ def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) 
     return context
 
 
-def node_context(nodes: Nodes, n: int = 1) -> ssl.SSLContext:
+def node_context(nodes: LiveCluster, n: int = 1) -> ssl.SSLContext:
     """What node n presents as a client: the valid path."""
     directory = nodes.layout.directory
     cert = nodes.layout.node_dir(n) / "tls" / f"node_00{n}"
@@ -50,7 +50,7 @@ def node_context(nodes: Nodes, n: int = 1) -> ssl.SSLContext:
 
 
 async def health(
-    nodes: Nodes, n: int, context: ssl.SSLContext | None, **client_options: object
+    nodes: LiveCluster, n: int, context: ssl.SSLContext | None, **client_options: object
 ) -> Response:
     """GET /health on node n's RPC port over a brand-new connection."""
     ep = nodes.layout.endpoints[n - 1]
@@ -68,7 +68,7 @@ async def health(
 
 
 async def assert_refused(
-    cluster: Cluster, nodes: Nodes, context: ssl.SSLContext | None, reason: str
+    cluster: Cluster, nodes: LiveCluster, context: ssl.SSLContext | None, reason: str
 ) -> None:
     """Node 1 refuses the connection and counts a server-side handshake failure for `reason`."""
     before = await metric(
@@ -89,7 +89,7 @@ async def assert_refused(
     assert (await health(nodes, 1, node_context(nodes))).status == 200
 
 
-async def test_valid_client_certificate_is_served(cluster: Cluster, nodes: Nodes) -> None:
+async def test_valid_client_certificate_is_served(cluster: Cluster, nodes: LiveCluster) -> None:
     """A client with a node certificate from the cluster CA gets answers on every node."""
     for n in (1, 2, 3):
         response = await health(nodes, n, node_context(nodes))
@@ -97,14 +97,14 @@ async def test_valid_client_certificate_is_served(cluster: Cluster, nodes: Nodes
         assert response.json()["node_id"] == f"node_00{n}"
 
 
-async def test_client_without_certificate_is_refused(cluster: Cluster, nodes: Nodes) -> None:
+async def test_client_without_certificate_is_refused(cluster: Cluster, nodes: LiveCluster) -> None:
     """No client certificate: refused at the handshake, counted as no_certificate."""
     ca = nodes.layout.directory / "ca" / "ca.pem"
     await assert_refused(cluster, nodes, client_context(ca), "no_certificate")
 
 
 async def test_certificate_from_another_ca_is_refused(
-    cluster: Cluster, nodes: Nodes, tmp_path: Path
+    cluster: Cluster, nodes: LiveCluster, tmp_path: Path
 ) -> None:
     """A certificate signed by a foreign CA (even with a validator's CN) is refused."""
     tls.init_ca(tmp_path / "other_ca")
@@ -116,7 +116,7 @@ async def test_certificate_from_another_ca_is_refused(
 
 
 async def test_expired_certificate_is_refused(
-    cluster: Cluster, nodes: Nodes, tmp_path: Path
+    cluster: Cluster, nodes: LiveCluster, tmp_path: Path
 ) -> None:
     """A cluster-CA certificate past its not_after is refused as expired."""
     now = datetime.now(UTC)
@@ -133,7 +133,7 @@ async def test_expired_certificate_is_refused(
 
 
 async def test_revoked_certificate_is_refused_after_sighup(
-    cluster: Cluster, nodes: Nodes, tmp_path: Path
+    cluster: Cluster, nodes: LiveCluster, tmp_path: Path
 ) -> None:
     """Revoking a certificate and SIGHUPping the node refuses it; valid clients still pass."""
     ca_dir = nodes.layout.directory / "ca"
@@ -146,7 +146,7 @@ async def test_revoked_certificate_is_refused_after_sighup(
     await assert_refused(cluster, nodes, context, "certificate_revoked")
 
 
-async def test_server_with_another_node_id_is_refused(cluster: Cluster, nodes: Nodes) -> None:
+async def test_server_with_another_node_id_is_refused(cluster: Cluster, nodes: LiveCluster) -> None:
     """Dialling node 3 while expecting node_002: the CN check refuses it after the handshake."""
 
     def expect_node_002(ssl_object: ssl.SSLObject) -> str | None:
@@ -166,7 +166,9 @@ async def test_server_with_another_node_id_is_refused(cluster: Cluster, nodes: N
     assert (await health(nodes, 3, node_context(nodes), verify_peer=expect_node_003)).status == 200
 
 
-async def test_wrong_fingerprint_pin_keeps_the_peer_down(cluster: Cluster, nodes: Nodes) -> None:
+async def test_wrong_fingerprint_pin_keeps_the_peer_down(
+    cluster: Cluster, nodes: LiveCluster
+) -> None:
     """Node 1 pinning a wrong fingerprint for node_002 never talks to it; node_003's right pin works."""
     original = peers_file(nodes, 1).read_text()
     document = read_peers(nodes, 1)
@@ -215,12 +217,12 @@ async def test_wrong_fingerprint_pin_keeps_the_peer_down(cluster: Cluster, nodes
     await poll("node 1's link to node_002 up again with the pin removed", node_002_back)
 
 
-async def test_plain_http_to_the_tls_port_is_refused(cluster: Cluster, nodes: Nodes) -> None:
+async def test_plain_http_to_the_tls_port_is_refused(cluster: Cluster, nodes: LiveCluster) -> None:
     """Plain HTTP to the RPC port gets no answer and is counted as a protocol failure."""
     await assert_refused(cluster, nodes, None, "protocol")
 
 
-async def test_rounds_complete_over_mtls(cluster: Cluster, nodes: Nodes) -> None:
+async def test_rounds_complete_over_mtls(cluster: Cluster, nodes: LiveCluster) -> None:
     """After all the refusals above, the cluster still completes a round with all three nodes."""
     code, _ = await cluster.rpc(1, "POST", "/rpc/round/start", {"round_id": "tls_valid_path"})
     assert code == 202
