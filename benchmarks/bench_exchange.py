@@ -3,6 +3,10 @@
 Back to back (both processes stay hot) and with a pause between requests (each request
 wakes an idle process, as in a cluster where a node is asked a few times a round).
 Prints one JSON document: CPU per request on each side and wall time per request.
+Two floors under it, with a client on blocking stdlib sockets sending bytes of about the
+same sizes: `raw_sockets` answers from a blocking stdlib server (the kernel's share),
+`trio_sockets` from a trio SocketStream echo loop (what trio's run loop adds, without
+TLS, HTTP or a handler). The rest of our server's CPU is TLS, HTTP and the handler.
 
     python benchmarks/bench_exchange.py [--requests 2000] [--pause-ms 5]
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +32,9 @@ from anna_trio.rpc.client import HttpClient
 from anna_trio.rpc.http import HttpServer, Request, Response, json_response
 
 BODY = b'{"from":"node_001","rounds":[],"observations":[],"evidence":[]}'
+# The sizes on the wire of one exchange above: request head + BODY, and the answer.
+RAW_REQUEST_BYTES = 200
+RAW_ANSWER = b"y" * 180
 
 
 def _config(directory: Path) -> TlsConfig:
@@ -71,26 +79,67 @@ async def _measure(directory: Path, requests: int, pause: float) -> dict[str, fl
     return {"client_cpu_ms": 1e3 * cpu / requests, "wall_ms": 1e3 * wall / requests}
 
 
+def _serve_raw(directory: Path) -> None:
+    """One connection: every read is a request, answered with RAW_ANSWER bytes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    (directory / "port").write_text(str(listener.getsockname()[1]))
+    connection, _ = listener.accept()
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    while connection.recv(65536):
+        connection.sendall(RAW_ANSWER)
+
+
+async def _serve_trio(directory: Path) -> None:
+    """The raw server's loop on a trio SocketStream."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    (directory / "port").write_text(str(listeners[0].socket.getsockname()[1]))
+    stream = await listeners[0].accept()
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    while await stream.receive_some(65536):
+        await stream.send_all(RAW_ANSWER)
+
+
+def _measure_raw(directory: Path, requests: int, pause: float) -> dict[str, float]:
+    port = int((directory / "port").read_text())
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        request = b"x" * RAW_REQUEST_BYTES
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(requests):
+            connection.sendall(request)
+            received = 0
+            while received < len(RAW_ANSWER):
+                received += len(connection.recv(65536))
+            if pause:
+                time.sleep(pause)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall - requests * pause
+    return {"client_cpu_ms": 1e3 * cpu / requests, "wall_ms": 1e3 * wall / requests}
+
+
 def _process_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run(directory: Path, requests: int, pause: float) -> dict[str, Any]:
+def run(directory: Path, requests: int, pause: float, *, server: str = "ours") -> dict[str, Any]:
+    """`server` is "ours" (HttpServer and HttpClient, mTLS), "raw" or "trio" (the floors)."""
     (directory / "port").unlink(missing_ok=True)
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(directory)])
+    process = subprocess.Popen([sys.executable, __file__, f"--serve-{server}", str(directory)])
     try:
         deadline = time.monotonic() + 30
         while not (directory / "port").exists():
-            if time.monotonic() > deadline or server.poll() is not None:
+            if time.monotonic() > deadline or process.poll() is not None:
                 raise SystemExit("the server process did not start")
             time.sleep(0.05)
-        before = _process_cpu(server.pid)
-        result = trio.run(_measure, directory, requests, pause)
-        result["server_cpu_ms"] = 1e3 * (_process_cpu(server.pid) - before) / requests
+        before = _process_cpu(process.pid)
+        if server == "ours":
+            result = trio.run(_measure, directory, requests, pause)
+        else:
+            result = _measure_raw(directory, requests, pause)
+        result["server_cpu_ms"] = 1e3 * (_process_cpu(process.pid) - before) / requests
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        process.terminate()
+        process.wait(timeout=10)
     return {k: round(v, 3) for k, v in result.items()}
 
 
@@ -98,10 +147,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--pause-ms", type=float, default=5.0)
-    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-ours", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-raw", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-trio", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        trio.run(_serve, args.serve)
+    if args.serve_ours:
+        trio.run(_serve, args.serve_ours)
+        return 0
+    if args.serve_raw:
+        _serve_raw(args.serve_raw)
+        return 0
+    if args.serve_trio:
+        trio.run(_serve_trio, args.serve_trio)
         return 0
     with tempfile.TemporaryDirectory(prefix="anna-exchange-") as temp:
         directory = Path(temp)
@@ -109,11 +166,19 @@ def main() -> int:
         tls.issue_cert(
             directory / "ca", node_id="node_001", sans=["127.0.0.1"], out_dir=directory / "n1"
         )
+        pause, pause_key = args.pause_ms / 1e3, f"pause_{args.pause_ms:g}_ms"
         report = {
             "benchmark": "bench_exchange",
             "requests": args.requests,
             "back_to_back": run(directory, args.requests, 0.0),
-            f"pause_{args.pause_ms:g}_ms": run(directory, args.requests // 2, args.pause_ms / 1e3),
+            pause_key: run(directory, args.requests // 2, pause),
+            **{
+                f"{floor}_sockets": {
+                    "back_to_back": run(directory, args.requests, 0.0, server=floor),
+                    pause_key: run(directory, args.requests // 2, pause, server=floor),
+                }
+                for floor in ("raw", "trio")
+            },
         }
     print(json.dumps(report, indent=2))
     return 0
