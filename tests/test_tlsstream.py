@@ -5,7 +5,8 @@ stream pairs on the autojump clock (a stuck handshake or read fails the test's
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,17 @@ def _pair(
     return server, client
 
 
+@asynccontextmanager
+async def _connected(
+    contexts: Contexts, **pair_options: Any
+) -> AsyncIterator[tuple[TlsStream, TlsStream]]:
+    """A handshaken (server, client) pair; the body runs under the same 30 s bound."""
+    server, client = _pair(contexts, **pair_options)
+    with trio.fail_after(30):
+        await _handshake_both(server, client)
+        yield server, client
+
+
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 async def test_large_messages_cross_both_ways_intact(
     contexts: Contexts, version: ssl.TLSVersion, autojump_clock: trio.testing.MockClock
@@ -156,9 +168,7 @@ async def test_talks_to_trio_sslstream(
 async def test_eof_without_close_notify_reads_as_eof(
     contexts: Contexts, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server, client = _pair(contexts)
-    with trio.fail_after(30):
-        await _handshake_both(server, client)
+    async with _connected(contexts) as (server, client):
         await client.send_all(b"last words")
         await client.transport_stream.aclose()
         assert await server.receive_some() == b"last words"
@@ -229,9 +239,7 @@ async def test_an_untrusted_server_fails_the_client_handshake(
 async def test_garbage_after_the_handshake_breaks_the_stream(
     contexts: Contexts, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server, client = _pair(contexts)
-    with trio.fail_after(30):
-        await _handshake_both(server, client)
+    async with _connected(contexts) as (server, client):
         await client.transport_stream.send_all(b"\x17\x03\x03\x00\x05hello")
         with pytest.raises(trio.BrokenResourceError) as caught:
             await server.receive_some()
@@ -244,9 +252,7 @@ async def test_a_cancelled_send_breaks_the_stream(
     contexts: Contexts, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Part of a record may have left: later sends must not follow it as if whole."""
-    server, client = _pair(contexts, make_pair=trio.testing.lockstep_stream_pair)
-    with trio.fail_after(30):
-        await _handshake_both(server, client)
+    async with _connected(contexts, make_pair=trio.testing.lockstep_stream_pair) as (_, client):
         with trio.move_on_after(1) as waited:
             await client.send_all(b"x" * 100_000)  # nobody reads: the lockstep send blocks
     assert waited.cancelled_caught
