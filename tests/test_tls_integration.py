@@ -70,12 +70,16 @@ async def health(
 async def assert_refused(
     cluster: Cluster, nodes: LiveCluster, context: ssl.SSLContext | None, reason: str
 ) -> None:
-    """Node 1 refuses the connection and counts a server-side handshake failure for `reason`."""
+    """Node 1 refuses the connection and counts a server-side handshake failure for `reason`;
+    a TLS client learns of the refusal from node 1's alert, not from a bare close."""
     before = await metric(
         cluster, 1, "anna_tls_handshake_failures_total", side="server", reason=reason
     )
-    with pytest.raises(PeerError):
+    with pytest.raises(PeerError) as refused:
         await health(nodes, 1, context)
+    if context is not None:
+        assert isinstance(refused.value, PeerTLSError), refused.value
+        assert refused.value.reason == "rejected_by_peer", refused.value
 
     async def counted() -> bool:
         now = await metric(
