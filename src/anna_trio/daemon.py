@@ -6,6 +6,7 @@ reload → pid file → READY=1. SIGTERM/SIGINT drain and exit 0; SIGHUP reloads
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -40,6 +41,7 @@ log = logging.getLogger("anna.daemon")
 
 INSECURE_WARNING = "WARN: Running with allow_insecure_peers=true - TLS DISABLED"
 SHUTDOWN_GRACE = 5.0
+GC_YOUNG_THRESHOLD = 5000  # CPython's default is 700
 
 
 def load_config_for(settings: Settings) -> ClusterConfig:
@@ -154,6 +156,7 @@ class Daemon:
                     root.start_soon(RoundCoordinator(node, s.round_interval, self._heartbeat).run)
                     root.start_soon(systemd.watchdog_loop, self._healthy)
                     self._write_pid()
+                    settle_heap()
                     self.ready = True
                     systemd.notify("READY=1")
                     log.info(
@@ -278,6 +281,18 @@ class Daemon:
             )
         )
         systemd.notify("READY=1")
+
+
+def settle_heap() -> None:
+    """Once start-up is done: collect, then freeze what it built (modules, config, keys,
+    the restored rounds) so later collections never walk it, and collect the youngest
+    generation every GC_YOUNG_THRESHOLD net allocations instead of 700. A round allocates
+    thousands of short-lived objects; with the default, a generation-1 collection (about
+    1 ms) landed on some rounds' critical path. Six A/B pairs of the 3-node round
+    (mTLS, polled): p99 12.0–15.5 → 10.7–13.4 ms, lower in every pair; p50 unchanged."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _client_tls(config: ClusterConfig) -> ssl.SSLContext | None:
