@@ -18,8 +18,8 @@ from anna_trio.metrics import Metrics
 from anna_trio.models import ClusterConfig, PeerConfig
 from anna_trio.node import Node, round_view_json
 from anna_trio.observer import Observer
-from anna_trio.rpc.http import Request
-from anna_trio.rpc.server import ROUND_BODY_CACHE, RpcServer
+from anna_trio.rpc.http import Request, json_response
+from anna_trio.rpc.server import ROUND_ANSWER_CACHE, RpcServer
 from inline_store import InlineStore
 from strategies import node_pubkey_hex, signed_observation
 
@@ -198,7 +198,7 @@ async def test_status_answers_follow_the_round_and_are_encoded_once_per_change(
     def fresh(round_id: str) -> bytes:
         view = node.engine.round(round_id)
         assert view is not None
-        return json.dumps(round_view_json(view), separators=(",", ":")).encode()
+        return json_response(200, round_view_json(view)).body
 
     async with trio.open_nursery() as nursery:
         await nursery.start(node.store.run)
@@ -212,10 +212,10 @@ async def test_status_answers_follow_the_round_and_are_encoded_once_per_change(
             assert changed == fresh("s0") and changed != first
             first = changed
         assert json.loads(first)["status"] == "Complete"
-        for i in range(ROUND_BODY_CACHE + 5):
+        for i in range(ROUND_ANSWER_CACHE + 5):
             await node.start_round(f"t{i:03d}", 24)
             await answer(f"t{i:03d}")
-        assert len(server._round_bodies) == ROUND_BODY_CACHE
+        assert len(server._round_answers) == ROUND_ANSWER_CACHE
         nursery.cancel_scope.cancel()
     node.store.close()
 

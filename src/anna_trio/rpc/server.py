@@ -28,7 +28,7 @@ from .ratelimit import TokenBuckets, retry_after_header
 log = logging.getLogger("anna.rpc")
 
 MAX_IN_FLIGHT = 512
-ROUND_BODY_CACHE = 64  # rounds whose status answer is kept encoded (the ones being polled)
+ROUND_ANSWER_CACHE = 64  # rounds whose status answer is kept encoded (the ones being polled)
 
 Route = Callable[[Request], Awaitable[Response]]
 
@@ -76,7 +76,7 @@ class RpcServer:
         self._buckets = TokenBuckets(self.limits.rate_per_client, self.limits.burst)
         self._in_flight = trio.CapacityLimiter(MAX_IN_FLIGHT)
         self._keys_in_flight: dict[str, trio.Event] = {}
-        self._round_bodies: OrderedDict[str, tuple[RoundView, bytes]] = OrderedDict()
+        self._round_answers: OrderedDict[str, tuple[RoundView, Response]] = OrderedDict()
         self._routes: dict[str, dict[str, Route]] = {
             "/health": {"GET": self._health},
             "/rpc/submit": {"POST": self._submit},
@@ -206,21 +206,21 @@ class RpcServer:
         view = self.node.engine.round(round_ids[0])
         if view is None:
             return error_response(404, "unknown_round", f"round {round_ids[0]!r} is not known here")
-        return Response(200, self._round_body(view))
+        return self._round_answer(view)
 
-    def _round_body(self, view: RoundView) -> bytes:
+    def _round_answer(self, view: RoundView) -> Response:
         """The round as JSON, encoded again only when the round changed: completion
         probes ask every millisecond, and comparing two views takes a few µs where
         building and encoding the answer took ~40."""
-        cached = self._round_bodies.get(view.round_id)
+        cached = self._round_answers.get(view.round_id)
         if cached is not None and cached[0] == view:
             return cached[1]
-        body = json.dumps(round_view_json(view), separators=(",", ":")).encode()
-        self._round_bodies[view.round_id] = (view, body)
-        self._round_bodies.move_to_end(view.round_id)
-        while len(self._round_bodies) > ROUND_BODY_CACHE:
-            self._round_bodies.popitem(last=False)
-        return body
+        answer = json_response(200, round_view_json(view))
+        self._round_answers[view.round_id] = (view, answer)
+        self._round_answers.move_to_end(view.round_id)
+        while len(self._round_answers) > ROUND_ANSWER_CACHE:
+            self._round_answers.popitem(last=False)
+        return answer
 
     async def _reconcile_route(self, request: Request) -> Response:
         async def work() -> Reply:
