@@ -34,11 +34,6 @@ ROUND_TIMEOUT = 2.0
 ROUND = "round_20261127T000000Z"
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
 class _SlowObserver(Observer):
     """An observer that takes `delay` seconds to measure (a slow node)."""
 

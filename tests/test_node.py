@@ -26,11 +26,6 @@ from strategies import node_pubkey_hex, signed_observation
 RETAIN = 5
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
 def make_node(directory: Path, *others: str) -> Node:
     """node_001 with its own key; `others` are validators with the test keys of strategies."""
     key = crypto.load_or_create_key(directory / "keys")

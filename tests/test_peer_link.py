@@ -18,11 +18,6 @@ from anna_trio.rpc.client import PeerConnectionError, Response
 PEER = PeerConfig("node_002", "127.0.0.1", 8002, "00" * 32)
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
 class _FakeNode:
     node_id = "node_001"
 

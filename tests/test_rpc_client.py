@@ -39,11 +39,6 @@ from anna_trio.rpc.client import (
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
 # --- throwaway PKI -------------------------------------------------------------------
 
 

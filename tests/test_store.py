@@ -15,11 +15,6 @@ from anna_trio.store import Store
 from inline_store import InlineStore
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
 def round_row(n: int) -> store.Statement:
     return Store.round_stmt(f"round_{n:04d}", 24, 0.0)
 

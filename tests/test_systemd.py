@@ -18,11 +18,6 @@ from anna_trio import systemd
 
 
 @pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
-@pytest.fixture
 def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
     """A bound, non-blocking datagram socket named by $NOTIFY_SOCKET."""
     path = tmp_path / "n.sock"
