@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,11 @@ def make_node(directory: Path, *others: str) -> Node:
     )
 
 
-@pytest.fixture
-async def running(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> AsyncIterator[Node]:
-    node = make_node(tmp_path)
+@asynccontextmanager
+async def started(directory: Path, *others: str) -> AsyncIterator[Node]:
+    """make_node, restored from `directory` and running (store writer and node tasks)
+    until the block ends; then stopped and its store closed, as a restart would."""
+    node = make_node(directory, *others)
     node.restore()
     async with trio.open_nursery() as nursery:
         await nursery.start(node.store.run)
@@ -65,6 +68,12 @@ async def running(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> Asy
         yield node
         nursery.cancel_scope.cancel()
     node.store.close()
+
+
+@pytest.fixture
+async def running(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> AsyncIterator[Node]:
+    async with started(tmp_path) as node:
+        yield node
 
 
 async def complete(node: Node, round_id: str) -> None:
@@ -180,24 +189,20 @@ async def test_status_answers_follow_the_round_and_are_encoded_once_per_change(
 ) -> None:
     """GET /rpc/status?round_id= answers exactly the round's current JSON: re-encoded
     when an observation arrives, the same bytes while nothing changed; bounded."""
-    node = make_node(tmp_path, "node_002", "node_003")
-    node.restore()
-    server = RpcServer(node, node.metrics, reconcile=_no_reconcile)
+    async with started(tmp_path, "node_002", "node_003") as node:
+        server = RpcServer(node, node.metrics, reconcile=_no_reconcile)
 
-    async def answer(round_id: str) -> bytes:
-        request = Request("GET", "/rpc/status", {"round_id": [round_id]}, {}, b"", "127.0.0.1")
-        response = await server.handle(request)
-        assert response.status == 200
-        return response.body
+        async def answer(round_id: str) -> bytes:
+            request = Request("GET", "/rpc/status", {"round_id": [round_id]}, {}, b"", "127.0.0.1")
+            response = await server.handle(request)
+            assert response.status == 200
+            return response.body
 
-    def fresh(round_id: str) -> bytes:
-        view = node.engine.round(round_id)
-        assert view is not None
-        return json_response(200, round_view_json(view)).body
+        def fresh(round_id: str) -> bytes:
+            view = node.engine.round(round_id)
+            assert view is not None
+            return json_response(200, round_view_json(view)).body
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(node.store.run)
-        await nursery.start(node.run)
         await node.start_round("s0", 24)
         first = await answer("s0")
         assert first == fresh("s0") and await answer("s0") is first
@@ -211,8 +216,6 @@ async def test_status_answers_follow_the_round_and_are_encoded_once_per_change(
             await node.start_round(f"t{i:03d}", 24)
             await answer(f"t{i:03d}")
         assert len(server._round_answers) == ROUND_ANSWER_CACHE
-        nursery.cancel_scope.cancel()
-    node.store.close()
 
 
 def _start_request(key: str, body: bytes = b"") -> Request:
@@ -224,25 +227,18 @@ async def _serve_once(
 ) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
     """Start node_001 on `directory`, send `requests` to its RPC server all at once, and
     stop it: their answers, and the rounds the node then knows."""
-    node = make_node(directory, "node_002", "node_003")
-    node.restore()
-    server = RpcServer(node, node.metrics, reconcile=_no_reconcile)
     answers: list[tuple[int, dict[str, Any]]] = [(0, {})] * len(requests)
+    async with started(directory, "node_002", "node_003") as node:
+        server = RpcServer(node, node.metrics, reconcile=_no_reconcile)
 
-    async def send(i: int, request: Request) -> None:
-        response = await server.handle(request)
-        answers[i] = (response.status, json.loads(response.body))
+        async def send(i: int, request: Request) -> None:
+            response = await server.handle(request)
+            answers[i] = (response.status, json.loads(response.body))
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(node.store.run)
-        await nursery.start(node.run)
         async with trio.open_nursery() as senders:
             for i, request in enumerate(requests):
                 senders.start_soon(send, i, request)
-        rounds = node.engine.round_ids()
-        nursery.cancel_scope.cancel()
-    node.store.close()
-    return answers, rounds
+        return answers, node.engine.round_ids()
 
 
 async def test_a_round_start_key_keeps_its_answer_across_a_restart(
