@@ -86,6 +86,7 @@ class _Peer:
     def __init__(self, trouble: str) -> None:
         self.trouble: str | None = trouble
         self.gossip: list[bytes] = []
+        self.gossip_arrived = trio.Event()
 
     async def request(self, method: str, path: str, **options: Any) -> Response:
         if self.trouble == "unreachable":
@@ -95,6 +96,7 @@ class _Peer:
         if self.trouble == "busy":
             return Response(status=503, headers={}, body=b'{"error":"overloaded"}')
         self.gossip.append(options["body"])
+        self.gossip_arrived.set()
         return Response(status=200, headers={}, body=b'{"success":true}')
 
     async def aclose(self) -> None:
@@ -122,8 +124,7 @@ async def seconds_until_delivered(trouble: str) -> float:
         well = trio.current_time()
         link.request_pull()
         with trio.fail_after(20):
-            while not peer.gossip:  # noqa: ASYNC110 - a fake peer: no event to wait on
-                await trio.sleep(0.01)
+            await peer.gossip_arrived.wait()
         nursery.cancel_scope.cancel()
     return trio.current_time() - well
 
