@@ -675,8 +675,10 @@ async def test_a_body_framed_by_eof_is_whole_and_the_connection_not_reused() -> 
 async def test_what_http_does_not_allow_is_refused_before_sending(
     method: str, path: str, headers: dict[str, str]
 ) -> None:
-    async with raw_server(Script(answer_forever)) as port:
+    script = Script(answer_forever)
+    async with raw_server(script) as port:
         client = HttpClient("127.0.0.1", port)
         with pytest.raises(PeerConnectionError, match="cannot send"):
             await client.request(method, path, headers=headers)
         assert not client.connected
+    assert script.accepted == 0  # refused before a connection was even opened
