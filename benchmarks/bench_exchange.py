@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from _common import cpu_seconds
 
 from anna_trio import tls
 from anna_trio.models import TlsConfig
@@ -116,11 +116,6 @@ def _measure_raw(directory: Path, requests: int, pause: float) -> dict[str, floa
     return {"client_cpu_ms": 1e3 * cpu / requests, "wall_ms": 1e3 * wall / requests}
 
 
-def _process_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run(directory: Path, requests: int, pause: float, *, server: str = "ours") -> dict[str, Any]:
     """`server` is "ours" (HttpServer and HttpClient, mTLS), "raw" or "trio" (the floors)."""
     (directory / "port").unlink(missing_ok=True)
@@ -131,12 +126,12 @@ def run(directory: Path, requests: int, pause: float, *, server: str = "ours") -
             if time.monotonic() > deadline or process.poll() is not None:
                 raise SystemExit("the server process did not start")
             time.sleep(0.05)
-        before = _process_cpu(process.pid)
+        before = cpu_seconds(process.pid)
         if server == "ours":
             result = trio.run(_measure, directory, requests, pause)
         else:
             result = _measure_raw(directory, requests, pause)
-        result["server_cpu_ms"] = 1e3 * (_process_cpu(process.pid) - before) / requests
+        result["server_cpu_ms"] = 1e3 * (cpu_seconds(process.pid) - before) / requests
     finally:
         process.terminate()
         process.wait(timeout=10)
