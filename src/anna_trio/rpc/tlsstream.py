@@ -64,7 +64,9 @@ class TlsStream(trio.abc.Stream):
                 await self._fill()
                 continue
             except (ssl.SSLError, ssl.CertificateError) as exc:
-                await self._send_alert()
+                # The alert tells the peer why; best effort, it may already be gone.
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._flush()
                 self._state = _State.BROKEN
                 raise trio.BrokenResourceError from exc
             break
@@ -152,9 +154,3 @@ class TlsStream(trio.abc.Stream):
             self._incoming.write(data)
         else:
             self._incoming.write_eof()
-
-    async def _send_alert(self) -> None:
-        """Best effort: the peer may already be gone."""
-        if self._outgoing.pending:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self.transport_stream.send_all(self._outgoing.read())
