@@ -838,6 +838,9 @@ RAW_TARGETS = (
     b"/\x00",
     b"/a b",
     b"/" + b"a" * 20_000,
+    b"//[",  # unclosed IPv6 brackets: urlsplit raised inside llhttp's callback (exit 1)
+    b"http://[::1",
+    b"//[::1]:x/rpc/status",
 )
 RAW_VERSIONS = (
     *(b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/0.9", b"HTTP/1", b"http/1.1", b""),

@@ -201,3 +201,77 @@ async def test_head_keeps_its_status_and_drops_its_body(small_port: int) -> None
     )
     assert statuses(received) == [200]
     assert received.endswith(b"\r\n\r\n")
+
+
+# --- no request ends the server ----------------------------------------------------------
+
+
+@pytest.fixture
+async def counted_port() -> AsyncIterator[tuple[int, list[str]]]:
+    """A server whose handler fails on /bug; yields its port and the errors it counted."""
+    counted: list[str] = []
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/bug":
+            raise RuntimeError("a bug of ours")
+        return json_response(200, {"path": request.path})
+
+    server = HttpServer(handler, count_error=counted.append)
+    async with trio.open_nursery() as nursery:
+        yield await nursery.start(server.serve, "127.0.0.1", 0), counted
+        await server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"//[", b"http://[::1", b"http://[::1/x", b"//[::1", b"/x?//[", b"http://[v7.x]/"],
+)
+async def test_a_target_urlsplit_refuses_is_a_400_and_the_server_goes_on(
+    counted_port: tuple[int, list[str]], target: bytes
+) -> None:
+    """`GET //[` used to raise inside llhttp's callback and end annad (exit 1)."""
+    port, counted = counted_port
+    sent = b"GET " + target + b" HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
+    _, received = await closed_after(port, sent)
+    assert statuses(received) in ([400], [200])
+    if statuses(received) == [400]:
+        assert counted == ["malformed"]
+    _, after = await closed_after(port, b"GET /ok HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+    assert statuses(after) == [200]
+
+
+async def test_a_handler_bug_is_a_counted_500_and_the_connection_goes_on(
+    counted_port: tuple[int, list[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    port, counted = counted_port
+    sent = b"GET /bug HTTP/1.1\r\nhost: t\r\n\r\nGET /ok HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
+    _, received = await closed_after(port, sent)
+    assert statuses(received) == [500, 200]
+    assert counted == ["internal"]
+    assert "a bug of ours" in caplog.text
+
+
+async def test_an_error_of_ours_outside_the_handler_closes_only_its_connection(
+    counted_port: tuple[int, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failure where no handler runs (here: encoding the answer) is logged with its
+    traceback, counted, and ends that connection; the next one is served."""
+    import anna_trio.rpc.http as http_module
+
+    real_encode = http_module._encode
+
+    def encode(response: Response, keep_alive: bool) -> bytes:
+        if b"/boom" in response.body:
+            raise RuntimeError("cannot encode")
+        return real_encode(response, keep_alive)
+
+    monkeypatch.setattr(http_module, "_encode", encode)
+    port, counted = counted_port
+    _, received = await closed_after(port, b"GET /boom HTTP/1.1\r\nhost: t\r\n\r\n")
+    assert received == b""
+    assert counted == ["internal"]
+    assert "Traceback" in caplog.text and "cannot encode" in caplog.text
+    _, after = await closed_after(port, b"GET /ok HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+    assert statuses(after) == [200]

@@ -143,8 +143,16 @@ class Daemon:
             lambda: self.ready,
             failpoints_http=os.environ.get("ANNA_FAILPOINTS_HTTP") == "1",
         )
-        rpc_http = HttpServer(rpc.handle, ssl_context=server_ssl, max_body_bytes=rpc.max_body_bytes)
-        metrics_http = HttpServer(metrics_server.handle)
+        rpc_http = HttpServer(
+            rpc.handle,
+            ssl_context=server_ssl,
+            max_body_bytes=rpc.max_body_bytes,
+            count_error=lambda kind: self.metrics.http_errors.labels("rpc", kind).inc(),
+        )
+        metrics_http = HttpServer(
+            metrics_server.handle,
+            count_error=lambda kind: self.metrics.http_errors.labels("metrics", kind).inc(),
+        )
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as root:
                 await root.start(store.run)

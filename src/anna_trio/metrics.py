@@ -108,6 +108,16 @@ class Metrics:
             ["side", "reason"],
             registry=reg,
         )
+        self.http_errors = Counter(
+            "anna_http_errors",
+            "Requests refused as malformed (400) or too large (413), and failures of ours "
+            "(500 or a connection closed by an error), by listener",
+            ["listener", "kind"],
+            registry=reg,
+        )
+        for listener in ("rpc", "metrics"):
+            for kind in ("malformed", "too_large", "internal"):
+                self.http_errors.labels(listener, kind)
         self.observer_failures = Counter(
             "anna_observer_failures",
             "Rounds this node could not contribute to (observer missing or invalid)",

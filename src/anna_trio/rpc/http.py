@@ -40,6 +40,10 @@ HEADER_TIMEOUT = 10.0
 BODY_TIMEOUT = 10.0
 KEEP_ALIVE_TIMEOUT = 75.0
 
+# What `count_error` is told: a request refused as malformed HTTP (400) or for its body
+# size (413), and a failure of ours (a 500, or a connection closed by an error).
+MALFORMED, TOO_LARGE, INTERNAL = "malformed", "too_large", "internal"
+
 
 @attrs.frozen
 class Request:
@@ -107,8 +111,12 @@ class _RequestParser:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
+            # Whatever a callback raised is about this request's bytes: a 400, or 413.
             cause = exc.__context__
-            self.failure = cause if isinstance(cause, _BodyTooLarge | _Malformed) else exc
+            if isinstance(cause, _BodyTooLarge | _Malformed):
+                self.failure = cause
+            else:
+                self.failure = _Malformed(f"cannot parse the request: {cause or exc}")
         except httptools.HttpParserUpgrade:
             self.ends_after_ready = True
         except httptools.HttpParserError as exc:
@@ -148,7 +156,10 @@ class _RequestParser:
 
     def on_message_complete(self) -> None:
         self.in_message = False
-        target = urlsplit(self._url.decode("latin-1"))
+        try:
+            target = urlsplit(self._url.decode("latin-1"))
+        except ValueError as exc:  # "//[" or "http://[::1": an unclosed IPv6 bracket
+            raise _Malformed(f"request target: {exc}") from exc
         request = Request(
             method=self._parser.get_method().decode("latin-1").upper(),
             path=target.path,
@@ -189,10 +200,12 @@ class HttpServer:
         *,
         ssl_context: ssl.SSLContext | None = None,
         max_body_bytes: Callable[[], int] = lambda: 64 * 1024,
+        count_error: Callable[[str], None] = lambda kind: None,
     ) -> None:
         self._handler = handler
         self._ssl = ssl_context
         self._max_body = max_body_bytes
+        self._count_error = count_error
         self._closing = False
         self._idle_scopes: set[trio.CancelScope] = set()
         self._listeners: list[trio.SocketListener] = []
@@ -235,6 +248,17 @@ class HttpServer:
             scope.cancel()
 
     async def _connection(self, tcp: trio.SocketStream) -> None:
+        """One connection, whatever happens on it: an error of ours here (the parser,
+        the TLS layer, an answer that cannot be encoded) is logged with its traceback,
+        counted, and closes this connection only; the listener and the others go on."""
+        try:
+            await self._serve_connection(tcp)
+        except Exception:
+            log.exception("internal error on a connection; closing it")
+            self._count_error(INTERNAL)
+            await trio.aclose_forcefully(tcp)
+
+    async def _serve_connection(self, tcp: trio.SocketStream) -> None:
         try:
             client = str(tcp.socket.getpeername()[0])
         except OSError:
@@ -266,9 +290,11 @@ class HttpServer:
             try:
                 ready = await self._next_request(stream, parser)
             except _Malformed as exc:
+                self._count_error(MALFORMED)
                 await self._send_error(stream, 400, "bad_request", f"malformed HTTP: {exc}")
                 return
             except _BodyTooLarge:
+                self._count_error(TOO_LARGE)
                 limit = self._max_body()
                 await self._send_error(stream, 413, "payload_too_large", f"body over {limit} bytes")
                 await _drain(stream)
@@ -289,6 +315,7 @@ class HttpServer:
             response = await self._handler(request)
         except Exception:
             log.exception("unhandled error answering %s %s", request.method, request.path)
+            self._count_error(INTERNAL)
             response = error_response(500, "internal_error", "internal server error")
         if request.method == "HEAD":
             response = attrs.evolve(response, body=b"")
