@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from anna_trio.audit import AuditIdAllocator, AuditLog
+from anna_trio.audit import AuditLog
 
 if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike
-from anna_trio.state.migration import MigrationOutcome, audit_floor_from_state, migrate_state
+from anna_trio.state.migration import MigrationOutcome, migrate_state, node_allocator
 
 TARGET_MEDIAN_MS = 5.0
 STATE_BYTES = 10 * 1024
@@ -75,7 +75,7 @@ def run_once(parent: Path, raw: bytes, log: logging.Logger) -> tuple[float, floa
     with tempfile.TemporaryDirectory(dir=parent) as name:
         state_dir = Path(name)
         (state_dir / "state.json").write_bytes(raw)
-        ids = AuditIdAllocator(audit_floor_from_state(state_dir))
+        ids = node_allocator(state_dir)
         audit = AuditLog.open(state_dir / "audit.jsonl", "node_001", ids)
         try:
             started, cpu_started = time.perf_counter(), time.process_time()

@@ -15,8 +15,12 @@ from anna_trio import failpoints
 from anna_trio._exceptions import FailpointError, StateError
 from anna_trio.audit import (
     GENESIS_HASH,
+    RESERVATION_BLOCK,
+    Anchor,
     AuditIdAllocator,
     AuditLog,
+    IdReservation,
+    anchor_path,
     canonical_json,
     verify_audit_log,
 )
@@ -149,7 +153,7 @@ def test_explicit_audit_id_must_be_above_the_last(tmp_path: Path) -> None:
     log.append("a", {})
     with pytest.raises(ValueError, match="not above"):
         log.append("b", {}, audit_id=1)
-    assert log.append("b", {}, audit_id=10, durable=True)["audit_id"] == 10
+    assert log.append("b", {}, audit_id=10)["audit_id"] == 10
     assert ids.next() == 11
     log.close()
 
@@ -258,3 +262,131 @@ def test_before_append_failpoint_writes_nothing_and_takes_no_id(tmp_path: Path) 
     assert ids.last == 5 and (tmp_path / "audit.jsonl").read_bytes() == b""
     assert log.append("x", {})["audit_id"] == 6
     log.close()
+
+
+# --- the chain head's anchor: truncation is visible -----------------------------------
+
+
+def test_each_entry_moves_the_anchor_beside_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    *_, last = write_entries(path, 3)
+    assert Anchor.read(anchor_path(path)) == Anchor(last["audit_id"], last["hash"])
+    assert anchor_path(path).name == "audit.jsonl.head"
+
+
+@given(entries=st.integers(1, 6), cut=st.integers(1, 6))
+@settings(max_examples=25, deadline=None)
+def test_a_log_cut_short_of_its_anchor_fails_verify_naming_the_entry_it_expected(
+    tmp_path_factory: pytest.TempPathFactory, entries: int, cut: int
+) -> None:
+    """Removing the last lines leaves a valid chain; only the anchor shows it."""
+    path = tmp_path_factory.mktemp("log") / "audit.jsonl"
+    written = write_entries(path, entries, floor=10)
+    kept = path.read_text().splitlines(keepends=True)[: max(0, entries - cut)]
+    path.write_text("".join(kept))
+    result = verify_audit_log(path)
+    assert not result.ok
+    assert result.first_bad_line == len(kept) + 1
+    assert f"audit_id {written[-1]['audit_id']}" in result.reason
+    assert "removed from the end" in result.reason
+    with pytest.raises(StateError, match="entries were removed"):
+        AuditLog.open(path, "node_001", AuditIdAllocator())
+
+
+def test_verify_without_an_anchor_says_truncation_was_not_checked(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_entries(path, 2)
+    anchor_path(path).unlink()
+    result = verify_audit_log(path)
+    assert result.ok and "no anchor file" in result.reason
+    elsewhere = tmp_path / "copy.head"
+    write_entries(tmp_path / "other.jsonl", 3)
+    anchor_path(tmp_path / "other.jsonl").rename(elsewhere)
+    assert not verify_audit_log(path, elsewhere).ok  # an anchor given explicitly is used
+
+
+def test_an_anchor_ahead_by_the_entry_being_written_is_not_a_truncation(tmp_path: Path) -> None:
+    """A crash between an entry's fsync and its anchor's rename leaves the anchor one
+    entry behind the log, never ahead: that log verifies and opens."""
+    path = tmp_path / "audit.jsonl"
+    first, _ = write_entries(path, 2)
+    Anchor(first["audit_id"], first["hash"]).write(anchor_path(path))
+    assert verify_audit_log(path).ok
+    AuditLog.open(path, "node_001", AuditIdAllocator()).close()
+
+
+def test_an_edited_last_entry_differs_from_its_anchor(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_entries(path, 2)
+    Anchor(2, "0" * 64).write(anchor_path(path))
+    result = verify_audit_log(path)
+    assert (result.ok, result.first_bad_line) == (False, 2)
+    with pytest.raises(StateError, match="differs from its anchor"):
+        AuditLog.open(path, "node_001", AuditIdAllocator())
+
+
+# --- audit_ids under a durable reservation ---------------------------------------------
+
+
+def test_ids_are_handed_out_only_below_the_durable_reservation(tmp_path: Path) -> None:
+    reservation = IdReservation(tmp_path / "audit_ids.reserved")
+    ids = AuditIdAllocator(41, reservation)
+    assert ids.next() == 42
+    assert reservation.read() == 41 + RESERVATION_BLOCK
+    taken = [ids.next() for _ in range(RESERVATION_BLOCK)]
+    assert taken[-1] == 42 + RESERVATION_BLOCK
+    assert reservation.read() == 41 + 2 * RESERVATION_BLOCK  # extended once more
+
+
+def test_after_a_crash_ids_resume_above_everything_reserved(tmp_path: Path) -> None:
+    """A crash (no release) may have let any reserved id out: the next process starts
+    above the reservation. A clean exit gives the unused ones back: no gap."""
+    reservation = IdReservation(tmp_path / "audit_ids.reserved")
+    crashed = AuditIdAllocator(0, reservation)
+    assert crashed.next() == 1
+    assert AuditIdAllocator(0, reservation).next() == RESERVATION_BLOCK + 1
+    clean = AuditIdAllocator(0, reservation)
+    assert clean.next() == 2 * RESERVATION_BLOCK + 1
+    clean.release()
+    assert AuditIdAllocator(0, reservation).next() == 2 * RESERVATION_BLOCK + 2
+
+
+@given(runs=st.lists(st.tuples(st.integers(0, 2500), st.booleans()), min_size=1, max_size=6))
+@settings(max_examples=40, deadline=None)
+def test_ids_strictly_increase_across_any_mix_of_crashes_and_clean_exits(
+    tmp_path_factory: pytest.TempPathFactory, runs: list[tuple[int, bool]]
+) -> None:
+    reservation = IdReservation(tmp_path_factory.mktemp("ids") / "audit_ids.reserved")
+    seen: list[int] = []
+    for count, clean in runs:
+        ids = AuditIdAllocator(0, reservation)
+        seen += [ids.next() for _ in range(count)]
+        if clean:
+            ids.release()
+    assert seen == sorted(set(seen))
+
+
+async def test_on_the_event_loop_a_reservation_is_written_on_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    reservation = IdReservation(tmp_path / "audit_ids.reserved")
+    writers: list[bool] = []
+    real_write = reservation.write
+
+    def write(through: int) -> None:
+        writers.append(threading.current_thread() is threading.main_thread())
+        real_write(through)
+
+    monkeypatch.setattr(reservation, "write", write)
+    ids = AuditIdAllocator(0, reservation)
+    assert [await ids.next_async() for _ in range(3)] == [1, 2, 3]
+    assert writers == [False]
+
+
+def test_an_unreadable_reservation_refuses_to_guess(tmp_path: Path) -> None:
+    path = tmp_path / "audit_ids.reserved"
+    path.write_text("12x\n")
+    with pytest.raises(StateError, match="not an integer"):
+        AuditIdAllocator(0, IdReservation(path))

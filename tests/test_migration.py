@@ -27,7 +27,7 @@ from hypothesis.stateful import (
 
 from anna_trio import failpoints
 from anna_trio._exceptions import FailpointError, MigrationRolledBack, StateError
-from anna_trio.audit import AuditIdAllocator, AuditLog, verify_audit_log
+from anna_trio.audit import AuditLog, verify_audit_log
 from anna_trio.metrics import Metrics
 from anna_trio.state.migration import (
     BACKUP_NAME,
@@ -38,6 +38,7 @@ from anna_trio.state.migration import (
     MigrationOutcome,
     audit_floor_from_state,
     migrate_state,
+    node_allocator,
     plan_migration,
 )
 from anna_trio.state.schema import parse_state, state_version, validate_v2
@@ -83,7 +84,7 @@ def write_v1(state_dir: Path, state: dict[str, Any] = V1) -> bytes:
 @contextlib.contextmanager
 def opened_audit(state_dir: Path, path: Path) -> Iterator[AuditLog]:
     """A node start: allocator floor from the state dir, the audit log's tail on top."""
-    log = AuditLog.open(path, "node_001", AuditIdAllocator(audit_floor_from_state(state_dir)))
+    log = AuditLog.open(path, "node_001", node_allocator(state_dir))
     try:
         yield log
     finally:
@@ -441,14 +442,14 @@ class MigrationMachine(RuleBasedStateMachine):
             shutil.copyfile(backup, self.state_dir / STATE_NAME)
             assert self._is_v1()
 
-    @rule(count=st.integers(1, 3), durable=st.booleans())
-    def daemon_writes_audit_entries(self, count: int, durable: bool) -> None:
+    @rule(count=st.integers(1, 3))
+    def daemon_writes_audit_entries(self, count: int) -> None:
         """A running node (after its start-up migration) appends entries."""
         with contextlib.suppress(MigrationRolledBack):
             self._start()
         with opened_audit(self.state_dir, self.audit_path) as audit:
             for _ in range(count):
-                audit.append("daemon_start", {}, durable=durable)
+                audit.append("daemon_start", {})
 
     @rule(fragment=st.binary(min_size=1, max_size=30).filter(lambda b: b"\n" not in b))
     def killed_mid_append(self, fragment: bytes) -> None:

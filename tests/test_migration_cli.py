@@ -240,12 +240,14 @@ def test_manual_rollback_runbook_after_cli_migration(node: dict[str, Path]) -> N
 
 
 def test_audit_verify_ok_and_names_the_first_bad_line(node: dict[str, Path]) -> None:
-    """audit verify: exit 0 `OK: N entries, audit_id A..B, chain verified`, 1 naming the line."""
+    """audit verify: exit 0 `OK: N entries, audit_id A..B, chain verified …`, 1 naming the line."""
     migrate(node, env={"ANNA_FAILPOINTS": "migrate.after_checksum=corrupt"})
     migrate(node)
     ok = annactl("audit", "verify", "--audit-log", str(node["audit"]))
     assert ok.returncode == 0
-    assert ok.stdout.strip() == "OK: 2 entries, audit_id 502..503, chain verified"
+    assert ok.stdout.strip() == (
+        "OK: 2 entries, audit_id 502..503, chain verified through its anchor (audit_id 503)"
+    )
     first, second = node["audit"].read_text().splitlines()
     node["audit"].write_text(f"{second}\n{first}\n")
     bad = annactl("audit", "verify", env={"ANNA_AUDIT_LOG": str(node["audit"])})

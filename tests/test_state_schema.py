@@ -1,4 +1,4 @@
-"""State schema v1/v2 (SPEC §5), atomic writes, the state-dir lock and the kept-current file."""
+"""State schema v1/v2 (SPEC §5), the state-dir lock and the kept-current file."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 
 from anna_trio._exceptions import LockHeldError, StateError
-from anna_trio.state import atomic
-from anna_trio.state.atomic import atomic_write_bytes
+from anna_trio.durable import atomic_write_bytes
 from anna_trio.state.lock import StateDirLock
 from anna_trio.state.schema import (
     V2_REQUIRED,
@@ -107,32 +106,6 @@ def test_convert_refuses_v1_fields_that_cannot_become_v2(v1: dict[str, Any]) -> 
     """A v1 field that clashes with v2's structure is StateError, never silently replaced."""
     with pytest.raises(StateError):
         convert_v1_to_v2(v1, node_id="n", now=NOW)
-
-
-def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
-    """atomic_write_bytes writes the new bytes and leaves no temp file behind."""
-    path = tmp_path / "state.json"
-    path.write_bytes(b"old")
-    atomic_write_bytes(path, b"new")
-    assert path.read_bytes() == b"new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
-
-
-def test_atomic_write_failure_keeps_the_old_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """If fsync fails, the target keeps its old bytes and the temp file is removed."""
-    path = tmp_path / "state.json"
-    path.write_bytes(b"old")
-
-    def broken_fsync(fd: int) -> None:
-        raise OSError(5, "I/O error")
-
-    monkeypatch.setattr(atomic.os, "fsync", broken_fsync)
-    with pytest.raises(OSError):
-        atomic_write_bytes(path, b"new")
-    assert path.read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
 
 
 def test_lock_is_exclusive_and_names_the_holder(tmp_path: Path) -> None:

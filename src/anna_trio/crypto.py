@@ -12,6 +12,7 @@ import nacl.exceptions
 import nacl.signing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from . import durable
 from ._exceptions import ConfigError
 from .models import Observation, TisComponents, unix_seconds
 
@@ -151,17 +152,17 @@ def load_private_key(keys_dir: Path) -> Ed25519PrivateKey:
 
 
 def create_keypair(keys_dir: Path) -> Ed25519PrivateKey:
-    """Write a new key pair (keys/ 0700, .sec 0600); refuses to overwrite one."""
-    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Write a new key pair (keys/ 0700, .sec 0600); refuses to overwrite one.
+
+    Durable with its directory entries: a key that vanished at a power cut would make
+    the node sign with a new key its peers do not know."""
+    durable.make_dirs(keys_dir, mode=0o700)
     os.chmod(keys_dir, 0o700)
-    secret_path = keys_dir / SECRET_KEY_FILE
     key = Ed25519PrivateKey.generate()
-    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key.private_bytes_raw().hex() + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    (keys_dir / PUBLIC_KEY_FILE).write_text(public_key_hex(key) + "\n")
+    durable.create_new(keys_dir / SECRET_KEY_FILE, (key.private_bytes_raw().hex() + "\n").encode())
+    durable.atomic_write_bytes(
+        keys_dir / PUBLIC_KEY_FILE, (public_key_hex(key) + "\n").encode(), mode=0o644
+    )
     return key
 
 

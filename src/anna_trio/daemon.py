@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from . import __version__, crypto, failpoints, systemd
+from . import __version__, crypto, durable, failpoints, systemd
 from ._exceptions import ConfigError
 from .audit import AuditIdAllocator, AuditLog
 from .config import Settings, diff_peers, load_cluster_config, self_port_change
@@ -32,7 +32,7 @@ from .peers import PeerSupervisor
 from .rpc.http import HttpServer
 from .rpc.server import MetricsServer, RpcServer
 from .state.lock import StateDirLock
-from .state.migration import audit_floor_from_state, migrate_state
+from .state.migration import migrate_state, node_allocator
 from .state.statefile import StateFile
 from .store import Store
 from .tls import ReloadableServerContext, client_context
@@ -77,11 +77,12 @@ class Daemon:
         config = await trio.to_thread.run_sync(load_config_for, s)
         if config.allow_insecure_peers:
             log.warning(INSECURE_WARNING)
-        s.state_dir.mkdir(parents=True, exist_ok=True)
+        durable.warn_if_unsafe()
+        await trio.to_thread.run_sync(durable.make_dirs, s.state_dir)
         with StateDirLock(s.state_dir):
             key = await trio.to_thread.run_sync(crypto.load_or_create_key, s.state_dir / "keys")
-            ids = AuditIdAllocator(audit_floor_from_state(s.state_dir))
-            audit = AuditLog.open(s.audit_log, s.node_id, ids)
+            ids = await trio.to_thread.run_sync(node_allocator, s.state_dir)
+            audit = await trio.to_thread.run_sync(AuditLog.open, s.audit_log, s.node_id, ids)
             try:
                 await self._run_with(config, key, ids, audit)
             finally:
@@ -106,7 +107,7 @@ class Daemon:
         )
         log.info("state: %s", outcome.name.lower())
         state_file = await trio.to_thread.run_sync(StateFile.load, s.state_dir)
-        store = Store(s.state_dir / "node.db")
+        store = await trio.to_thread.run_sync(Store, s.state_dir / "node.db")
         try:
             node = Node(
                 node_id=s.node_id,
@@ -154,46 +155,55 @@ class Daemon:
             count_error=lambda kind: self.metrics.http_errors.labels("metrics", kind).inc(),
         )
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async with trio.open_nursery() as root:
-                await root.start(store.run)
-                await root.start(node.run)
-                async with trio.open_nursery() as http:
-                    await http.start(rpc_http.serve, *rpc_bind)
-                    await http.start(metrics_http.serve, *s.metrics_listen)
-                    await root.start(supervisor.run)
-                    root.start_soon(RoundCoordinator(node, s.round_interval, self._heartbeat).run)
-                    root.start_soon(systemd.watchdog_loop, self._healthy)
-                    self._write_pid()
-                    settle_heap()
-                    self.ready = True
-                    systemd.notify("READY=1")
-                    log.info(
-                        "annad %s ready: node %s, rpc %s:%d (%s), metrics %s:%d, %d validators, quorum %d",
-                        __version__,
-                        s.node_id,
-                        *rpc_bind,
-                        "mTLS" if server_ssl else "plain HTTP",
-                        *s.metrics_listen,
-                        len(config.peers),
-                        config.quorum,
-                    )
-                    async for signum in signals:
-                        if signum == signal.SIGHUP:
-                            await self._reload(node, supervisor, rpc, audit)
-                            continue
-                        log.info("received %s: shutting down", signal.Signals(signum).name)
-                        break
-                    systemd.notify("STOPPING=1")
-                    self.ready = False
-                    await rpc_http.shutdown()
-                    await metrics_http.shutdown()
-                    http.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
-                root.cancel_scope.cancel()
-        with trio.CancelScope(shield=True):
-            await node.persist_state()
-            await trio.to_thread.run_sync(
-                lambda: audit.append("daemon_stop", {"reason": "signal"}, durable=True)
-            )
+            # The store's writer outlives everything that commits: after the drain, the
+            # last state.json and daemon_stop wait for the data they describe to be durable.
+            async with trio.open_nursery() as writer:
+                await writer.start(store.run)
+                async with trio.open_nursery() as root:
+                    await root.start(node.run)
+                    async with trio.open_nursery() as http:
+                        await http.start(rpc_http.serve, *rpc_bind)
+                        await http.start(metrics_http.serve, *s.metrics_listen)
+                        await root.start(supervisor.run)
+                        root.start_soon(
+                            RoundCoordinator(node, s.round_interval, self._heartbeat).run
+                        )
+                        root.start_soon(systemd.watchdog_loop, self._healthy)
+                        self._write_pid()
+                        settle_heap()
+                        self.ready = True
+                        systemd.notify("READY=1")
+                        log.info(
+                            "annad %s ready: node %s, rpc %s:%d (%s), metrics %s:%d, %d validators, quorum %d",
+                            __version__,
+                            s.node_id,
+                            *rpc_bind,
+                            "mTLS" if server_ssl else "plain HTTP",
+                            *s.metrics_listen,
+                            len(config.peers),
+                            config.quorum,
+                        )
+                        async for signum in signals:
+                            if signum == signal.SIGHUP:
+                                await self._reload(node, supervisor, rpc, audit)
+                                continue
+                            log.info("received %s: shutting down", signal.Signals(signum).name)
+                            break
+                        systemd.notify("STOPPING=1")
+                        self.ready = False
+                        await rpc_http.shutdown()
+                        await metrics_http.shutdown()
+                        http.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+                    root.cancel_scope.cancel()
+                with trio.move_on_after(SHUTDOWN_GRACE) as persisting:
+                    await node.persist_state()
+                if persisting.cancelled_caught:
+                    log.warning("state.json not rewritten at shutdown: the store did not flush")
+                await trio.to_thread.run_sync(
+                    lambda: audit.append("daemon_stop", {"reason": "signal"})
+                )
+                await trio.to_thread.run_sync(audit.ids.release)
+                writer.cancel_scope.cancel()
         self.settings.pid_file.unlink(missing_ok=True)
 
     def _heartbeat(self) -> None:
@@ -258,9 +268,7 @@ class Daemon:
                 reason,
             )
             await trio.to_thread.run_sync(
-                lambda: audit.append(
-                    "peer_reload", {"result": "failure", "error": reason}, durable=True
-                )
+                lambda: audit.append("peer_reload", {"result": "failure", "error": reason})
             )
             systemd.notify("READY=1")
             return
@@ -285,7 +293,6 @@ class Daemon:
             lambda: audit.append(
                 "peer_reload",
                 {"result": "success", "added": added, "removed": removed, "changed": changed},
-                durable=True,
             )
         )
         systemd.notify("READY=1")

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import os
 import ssl
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ._exceptions import AnnaError
+from .durable import atomic_write_bytes, make_dirs
 from .models import NODE_ID_RE, TlsConfig
 
 __all__ = [
@@ -79,22 +78,6 @@ class CertificateError(AnnaError, ValueError):
 
 # ---------------------------------------------------------------------------------------
 # Files
-
-
-def _write_atomically(path: Path, data: bytes, *, mode: int) -> None:
-    """Write `data` so readers see the old file or the new one, never a half; `mode` is
-    set before any byte lands, so a key is never briefly readable by others."""
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -159,7 +142,7 @@ def init_ca(out_dir: Path, *, common_name: str = "anna-trio cluster CA", days: i
             raise CertificateError(f"{out_dir / name}: a CA already exists; refusing to overwrite")
     if days < 1:
         raise CertificateError(f"days must be at least 1, got {days}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -189,8 +172,8 @@ def init_ca(out_dir: Path, *, common_name: str = "anna-trio cluster CA", days: i
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_atomically(out_dir / CA_KEY_NAME, _key_pem(key), mode=0o600)
-    _write_atomically(
+    atomic_write_bytes(out_dir / CA_KEY_NAME, _key_pem(key), mode=0o600)
+    atomic_write_bytes(
         out_dir / CA_CERT_NAME, certificate.public_bytes(serialization.Encoding.PEM), mode=0o644
     )
     _write_crl(out_dir / CRL_NAME, certificate, key, revoked=[])
@@ -231,7 +214,7 @@ def issue_cert(
         raise CertificateError(f"days must be at least 1, got {days}")
     ca_cert, ca_key = _load_ca(Path(ca_dir))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     now = datetime.now(UTC)
     start = not_before if not_before is not None else now - CLOCK_SKEW_ALLOWANCE
     end = not_after if not_after is not None else now + timedelta(days=days)
@@ -276,8 +259,8 @@ def issue_cert(
         .sign(ca_key, hashes.SHA256())
     )
     cert_path, key_path = out_dir / f"{node_id}.pem", out_dir / f"{node_id}.key"
-    _write_atomically(key_path, _key_pem(key), mode=0o600)
-    _write_atomically(cert_path, certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    atomic_write_bytes(key_path, _key_pem(key), mode=0o600)
+    atomic_write_bytes(cert_path, certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
     return cert_path, key_path
 
 
@@ -300,7 +283,7 @@ def _write_crl(
     for entry in revoked:
         builder = builder.add_revoked_certificate(entry)
     crl = builder.sign(ca_key, hashes.SHA256())
-    _write_atomically(path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    atomic_write_bytes(path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 
 def revoke(ca_dir: Path, cert_path: Path) -> bool:

@@ -44,11 +44,15 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     verify = audit_commands.add_parser(
         "verify",
         help="check the audit log's hash chain and audit_id order",
-        description="Exit 0 when every line chains and audit_id strictly increases, else 1 "
-        "naming the first bad line.",
+        description="Exit 0 when every line chains, audit_id strictly increases and the log "
+        "reaches the chain head anchored beside it (<log>.head), else 1 naming the first bad "
+        "or missing line.",
     )
     verify.add_argument(
         "--audit-log", type=Path, help=f"env ANNA_AUDIT_LOG, default {DEFAULT_AUDIT_LOG}"
+    )
+    verify.add_argument(
+        "--anchor", type=Path, metavar="FILE", help="the chain-head anchor (default <log>.head)"
     )
     verify.add_argument("--json", action="store_true", help="machine-readable result")
     verify.set_defaults(handler=run_audit_verify)
@@ -89,14 +93,9 @@ class _StepFormatter(logging.Formatter):
 def run_migrate(args: argparse.Namespace) -> int:
     from .. import failpoints
     from .._exceptions import AnnaError, ConfigError, MigrationRolledBack, StateError
-    from ..audit import AuditIdAllocator, AuditLog
+    from ..audit import AuditLog
     from ..state.lock import StateDirLock
-    from ..state.migration import (
-        MigrationOutcome,
-        audit_floor_from_state,
-        migrate_state,
-        plan_migration,
-    )
+    from ..state.migration import MigrationOutcome, migrate_state, node_allocator, plan_migration
 
     state_dir, audit_path = _state_dir(args), _audit_log(args)
     try:
@@ -127,7 +126,7 @@ def run_migrate(args: argparse.Namespace) -> int:
             )
             return EXIT_OK
         with StateDirLock(state_dir):
-            ids = AuditIdAllocator(audit_floor_from_state(state_dir))
+            ids = node_allocator(state_dir)
             audit = AuditLog.open(audit_path, node_id, ids)
             try:
                 outcome = migrate_state(
@@ -135,6 +134,7 @@ def run_migrate(args: argparse.Namespace) -> int:
                 )
             finally:
                 audit.close()
+                ids.release()
     except StateError as exc:
         return _fail(f"{exc} (nothing was modified)", EXIT_DATA)
     except MigrationRolledBack as exc:
@@ -155,13 +155,16 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 
 def run_audit_verify(args: argparse.Namespace) -> int:
+    from .._exceptions import StateError
     from ..audit import verify_audit_log
 
     path = _audit_log(args)
     try:
-        result = verify_audit_log(path)
+        result = verify_audit_log(path, args.anchor)
     except OSError as exc:
         return _fail(f"cannot read audit log {path}: {exc.strerror}", EXIT_BAD)
+    except StateError as exc:
+        return _fail(str(exc), EXIT_BAD)
     if args.json:
         print(
             json.dumps(
@@ -178,10 +181,10 @@ def run_audit_verify(args: argparse.Namespace) -> int:
     elif result.ok and result.entries:
         print(
             f"OK: {result.entries} entries, audit_id "
-            f"{result.first_audit_id}..{result.last_audit_id}, chain verified"
+            f"{result.first_audit_id}..{result.last_audit_id}, {result.reason}"
         )
     elif result.ok:
-        print("OK: 0 entries, chain verified")
+        print(f"OK: 0 entries, {result.reason}")
     else:
         print(
             f"BAD: {path} line {result.first_bad_line}: {result.reason} "

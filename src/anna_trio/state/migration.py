@@ -30,8 +30,8 @@ import attrs
 
 from .. import failpoints
 from .._exceptions import MigrationRolledBack, StateError
-from ..audit import AuditLog, utc_now_rfc3339
-from .atomic import atomic_write_bytes, fsync_dir, write_synced
+from ..audit import AuditIdAllocator, AuditLog, IdReservation, utc_now_rfc3339
+from ..durable import atomic_write_bytes, fsync_dir, make_dirs, write_synced
 from .schema import (
     MIGRATION_FIELD,
     convert_v1_to_v2,
@@ -49,6 +49,7 @@ V2_TEMP_NAME = "state.v2.json"
 BACKUP_NAME = "state.backup.v1"
 CHECKSUM_NAME = "state.backup.v1.sha256"
 PENDING_PREFIX = "state.migration.pending."  # + the reserved audit_id; an empty file
+AUDIT_IDS_NAME = "audit_ids.reserved"  # the allocator's durable high-water mark
 
 
 class MigrationOutcome(enum.Enum):
@@ -114,6 +115,15 @@ def audit_floor_from_state(state_dir: Path) -> int:
         if found is not None:
             floor = max(floor, _floor_of(found.state))
     return max([floor, *_markers(state_dir).values()])
+
+
+def node_allocator(state_dir: Path) -> AuditIdAllocator:
+    """The node's audit_id allocator: above every id its state files record, handing out
+    ids only below its durable reservation in the state dir (kept outside state.json,
+    whose v1 bytes a rollback restores)."""
+    return AuditIdAllocator(
+        audit_floor_from_state(state_dir), IdReservation(state_dir / AUDIT_IDS_NAME)
+    )
 
 
 def _markers(state_dir: Path) -> dict[Path, int]:
@@ -202,7 +212,7 @@ def migrate_state(
     state_path = state_dir / STATE_NAME
     found = _read_state(state_path)
     if found is None:
-        state_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(state_dir)
         atomic_write_bytes(state_path, encode_state(new_v2_state(node_id=node_id, now=_now())))
         log.info("No state file: created a fresh v2 state at %s", state_path)
         return MigrationOutcome.CREATED_FRESH
@@ -240,7 +250,6 @@ def _record_interrupted_migration(
             "duration_ms": record.get("duration_ms"),
             "recovered": True,
         },
-        durable=True,
         audit_id=record["audit_id"],
     )
     if metrics is not None:
@@ -348,7 +357,6 @@ class _Migration:
                 "result": "success",
                 "duration_ms": duration_ms,
             },
-            durable=True,
             audit_id=audit_id,
         )
         self._drop_marker()
@@ -376,7 +384,6 @@ class _Migration:
         self.audit.append(
             "state_rollback",
             {"reason": problem.reason, "from_version": 1, "to_version": 2},
-            durable=True,
         )
         if self.metrics is not None:
             self.metrics.migration_events.labels("rollback").inc()
@@ -401,7 +408,6 @@ class _Migration:
                     "error": str(exc),
                     "duration_ms": self._elapsed_ms(),
                 },
-                durable=True,
             )
         except OSError as audit_exc:
             self.log.error("could not record the failed migration in the audit log: %s", audit_exc)

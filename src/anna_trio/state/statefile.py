@@ -14,7 +14,7 @@ from typing import Any
 
 from .._exceptions import StateError
 from ..audit import utc_now_rfc3339
-from .atomic import atomic_write_bytes
+from ..durable import atomic_write_bytes
 from .migration import STATE_NAME
 from .schema import encode_state, parse_state, state_version, validate_v2
 
