@@ -1,7 +1,8 @@
-"""The store with its checkpoints on the Trio thread, for tests on the autojump clock.
+"""The store with its fsyncs and checkpoints on the Trio thread, for tests on the
+autojump clock.
 
 A worker thread in flight looks idle to MockClock(autojump_threshold=0), which then
-jumps virtual time past every pending timer while SQLite works (a 200 ms wait for an
+jumps virtual time past every pending timer while the disk works (a 200 ms wait for an
 own observation would expire during a checkpoint). Same SQL, same group commit.
 """
 
@@ -11,5 +12,8 @@ from anna_trio.store import Store
 
 
 class InlineStore(Store):
+    async def _sync(self) -> None:
+        self.sync_now()
+
     async def _checkpoint(self) -> None:
         self.checkpoint_now()

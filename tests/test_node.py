@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,25 @@ from anna_trio.node import Node, round_view_json
 from anna_trio.observer import Observer
 from anna_trio.rpc.http import Request, json_response
 from anna_trio.rpc.server import ROUND_ANSWER_CACHE, RpcServer
+from anna_trio.state.migration import migrate_state
+from anna_trio.state.statefile import StateFile
 from inline_store import InlineStore
 from strategies import node_pubkey_hex, signed_observation
 
 RETAIN = 5
 
 
-def make_node(directory: Path, *others: str) -> Node:
+async def run_inline(work: Callable[[], object]) -> object:
+    """Blocking file work on the Trio thread: the autojump clock sees it finish."""
+    return work()
+
+
+def make_node(
+    directory: Path,
+    *others: str,
+    store_type: type[InlineStore] = InlineStore,
+    state_file: StateFile | None = None,
+) -> Node:
     """node_001 with its own key; `others` are validators with the test keys of strategies."""
     key = crypto.load_or_create_key(directory / "keys")
     config = ClusterConfig(
@@ -46,13 +59,14 @@ def make_node(directory: Path, *others: str) -> Node:
         key=key,
         config=config,
         round_timeout=1.0,
-        store=InlineStore(directory / "node.db"),
+        store=store_type(directory / "node.db"),
         audit=AuditLog.open(directory / "audit.jsonl", "node_001", ids),
         ids=ids,
         metrics=Metrics("node_001"),
         observer=Observer(ObserverConfig(), "node_001"),
-        state_file=None,
+        state_file=state_file,
         retain_rounds=RETAIN,
+        run_blocking=run_inline,
     )
 
 
@@ -269,3 +283,121 @@ async def test_repeats_of_a_key_in_flight_together_start_one_round(
 
 async def _no_reconcile() -> int:
     return 0
+
+
+# --- durable before it leaves, durable before it is summarised ---------------------------
+
+
+class GatedStore(InlineStore):
+    """A disk whose fsync completes only when the test opens the gate."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = trio.Event()
+        self.syncing = trio.Event()
+
+    async def _sync(self) -> None:
+        self.syncing.set()
+        await self.gate.wait()
+        await super()._sync()
+
+
+class RecordingOutbox:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def broadcast(self, kind: str, item: dict[str, Any], exclude: Any = ()) -> None:
+        self.sent.append((kind, item))
+
+    def pull_soon(self) -> None:
+        pass
+
+
+async def test_own_observation_leaves_only_once_its_signature_is_fsynced(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Sign-state before signature (CometBFT's rule): until the fsync covering our signed
+    observation returns, it is in no broadcast, no answer, no status and no sync answer,
+    and the round start is not answered."""
+    node = make_node(tmp_path, "node_002", store_type=GatedStore)
+    store = node.store
+    assert isinstance(store, GatedStore)
+    outbox = node.outbox = RecordingOutbox()
+    node.restore()
+    started: list[str | None] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await nursery.start(node.run)
+
+        async def start() -> None:
+            started.append(await node.start_round("r1", 24))
+
+        nursery.start_soon(start)
+        with trio.fail_after(5):
+            await store.syncing.wait()
+        await trio.sleep(5)  # anything that would leak has had its chance
+        assert started == []
+        assert [kind for kind, _ in outbox.sent if kind == "observations"] == []
+        assert node.engine.observation_of("r1", "node_001") is None
+        assert node.status()["rounds"][0]["total_observations"] == 0
+        assert node.sync_answer({"summary": {}}).body["observations"] == []
+        store.gate.set()
+        with trio.fail_after(5):
+            while not started:  # noqa: ASYNC110 - the start's own completion
+                await trio.sleep(0.01)
+        own = node.engine.observation_of("r1", "node_001")
+        assert own is not None
+        assert ("observations", own.to_dict()) in outbox.sent
+        nursery.cancel_scope.cancel()
+    store.close()
+
+
+async def test_state_json_never_claims_more_than_the_database_holds(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A round complete in memory reaches state.json only after the rows behind it are
+    fsynced: after a power cut state.json would otherwise count rounds the node lost."""
+    audit = AuditLog.open(tmp_path / "migration-audit.jsonl", "node_001", AuditIdAllocator())
+    migrate_state(tmp_path, node_id="node_001", audit=audit, metrics=None, log=logging.getLogger())
+    audit.close()
+    node = make_node(tmp_path, "node_002", "node_003", store_type=GatedStore)
+    node._state_file = StateFile.load(tmp_path)
+    store = node.store
+    assert isinstance(store, GatedStore)
+    store.gate.set()
+    node.restore()
+
+    def rounds_in_state_json() -> int:
+        return int(
+            json.loads((tmp_path / "state.json").read_bytes())["consensus"]["rounds_completed"]
+        )
+
+    async def complete_with_peers(round_id: str) -> None:
+        async with trio.open_nursery() as senders:
+            senders.start_soon(node.start_round, round_id, 24)
+            for peer in ("node_002", "node_003"):
+                batch = {"observations": [signed_observation(peer, round_id).to_dict()]}
+                senders.start_soon(node.ingest, batch)
+            with trio.fail_after(5):
+                while node.engine.status_of(round_id) != "Complete":  # noqa: ASYNC110 - engine state
+                    await trio.sleep(0.01)
+            senders.cancel_scope.deadline = trio.current_time() + 30
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await nursery.start(node.run)
+        await complete_with_peers("r1")
+        await trio.sleep(2)  # the state writer's interval
+        assert rounds_in_state_json() == 1
+        store.gate = trio.Event()  # the disk stalls from here on
+        nursery.start_soon(complete_with_peers, "r2")
+        with trio.fail_after(5):
+            while node.engine.status_of("r2") != "Complete":  # noqa: ASYNC110 - engine state
+                await trio.sleep(0.01)
+        await trio.sleep(5)
+        assert rounds_in_state_json() == 1
+        store.gate.set()
+        await trio.sleep(2)
+        assert rounds_in_state_json() == 2
+        nursery.cancel_scope.cancel()
+    store.close()

@@ -1,8 +1,10 @@
-"""The store's writer: group commits on the Trio thread, checkpoints beside it."""
+"""The store's writer: group commits on the Trio thread, fsyncs and checkpoints beside it."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -35,20 +37,40 @@ def rounds_in_database_file(path: Path) -> int:
         db.close()
 
 
-async def test_commits_never_leave_the_trio_thread(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+async def test_commit_returns_after_the_wal_fsync_which_runs_on_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The autojump clock jumps to the next deadline whenever the run loop waits for a
-    worker thread: 200 commits inside a 1 s (virtual) budget only finish if none does."""
-    db = Store(tmp_path / "node.db")  # the real writer, not the test double
+    """Group commit: the transaction on the Trio thread, then one fsync of the WAL on a
+    worker thread for the whole batch; no waiter is released before it."""
+    path = tmp_path / "node.db"
+    db = Store(path)  # the real writer, not the test double
+    wal = os.stat(f"{path}-wal")
+    main = threading.current_thread()
+    synced: list[tuple[bool, int]] = []  # (on a worker thread?, rounds committed then)
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == (wal.st_dev, wal.st_ino):
+            count = db._db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+            synced.append((threading.current_thread() is not main, count))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    released: list[int] = []
+
+    async def commit(n: int) -> None:
+        await db.commit([round_row(n)])
+        released.append(len(synced))
+
     async with trio.open_nursery() as nursery:
         await nursery.start(db.run)
-        with trio.fail_after(1):
-            for n in range(200):
-                await db.commit([round_row(n)])
+        async with trio.open_nursery() as writers:
+            for n in range(5):
+                writers.start_soon(commit, n)
         nursery.cancel_scope.cancel()
-    assert db.load(1000).rounds[-1] == ("round_0199", 24)
     db.close()
+    assert synced == [(True, 5)]  # one fsync covered the five queued commits
+    assert released == [1] * 5
 
 
 async def test_checkpoint_every_so_many_commits(
@@ -126,7 +148,7 @@ async def test_a_sleeping_commit_failpoint_stalls_the_writer_not_the_loop(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """`store.before_commit=sleep(MS)` makes a slow disk: commits wait, other tasks run."""
-    db = Store(tmp_path / "node.db")
+    db = InlineStore(tmp_path / "node.db")
     failpoints.arm("store.before_commit", "sleep(500)")
     try:
         async with trio.open_nursery() as nursery:

@@ -30,6 +30,7 @@ NAMES: tuple[str, ...] = (
     "observation.before_send",
     "store.before_commit",
     "store.after_commit",
+    "store.after_sync",
     "audit.before_append",
     "rpc.before_reply",
 )

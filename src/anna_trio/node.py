@@ -12,7 +12,7 @@ import contextlib
 import heapq
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol
@@ -54,6 +54,11 @@ STUCK_ROUND_FRACTION = 0.25
 RELAY_LINGER = 0.1
 DIRECT_FAN_OUT_MAX_VALIDATORS = 3
 _STUCK, _RELAY = "stuck", "relay"
+
+
+BlockingRunner = Callable[[Callable[[], object]], Awaitable[object]]
+"""How the node runs blocking file work (audit entries, state.json): on a worker thread
+(`trio.to_thread.run_sync`), or inline where a test's clock must see it finish."""
 
 
 class Outbox(Protocol):
@@ -129,6 +134,7 @@ class Node:
         observer: Observer,
         state_file: StateFile | None,
         retain_rounds: int = RETAINED_ROUNDS,
+        run_blocking: BlockingRunner = trio.to_thread.run_sync,
     ) -> None:
         self.node_id = node_id
         self._key = key
@@ -140,6 +146,7 @@ class Node:
         self.metrics = metrics
         self._observer = observer
         self._state_file = state_file
+        self._run_blocking = run_blocking
         self.outbox: Outbox = _NoPeers()
         self.config = config
         self._pubkeys: dict[str, Ed25519PublicKey] = {}
@@ -564,7 +571,7 @@ class Node:
             obs = crypto.sign_observation(
                 self._key,
                 node_id=self.node_id,
-                audit_id=self._ids.next(),
+                audit_id=await self._ids.next_async(),
                 round_id=round_id,
                 window_hours=window_hours,
                 timestamp=format_utc(datetime.now(UTC)),
@@ -607,9 +614,7 @@ class Node:
             await self.store.commit(statements)
         for name, fields in audits:
             async with self._audit_lock:
-                await trio.to_thread.run_sync(
-                    partial(self._audit.append, name, fields, durable=True)
-                )
+                await self._run_blocking(partial(self._audit.append, name, fields))
         self._deadline_changed.set()
 
     def _effects(
@@ -726,16 +731,17 @@ class Node:
         while True:
             await self._state_dirty.wait()
             self._state_dirty = trio.Event()
-            snapshot = self._state_snapshot()
-            await trio.to_thread.run_sync(self._state_file.update, snapshot.update_into)
+            await self.persist_state()
             await trio.sleep(STATE_WRITE_INTERVAL)
 
     async def persist_state(self) -> None:
-        """Write state.json now (clean shutdown)."""
-        if self._state_file is not None:
-            await trio.to_thread.run_sync(
-                self._state_file.update, self._state_snapshot().update_into
-            )
+        """Write state.json from what the engine holds now, once the store holds it
+        durably: after a power cut state.json never claims more than the database."""
+        if self._state_file is None:
+            return
+        snapshot = self._state_snapshot()  # its rows were queued when the engine changed
+        await self.store.flush()
+        await self._run_blocking(partial(self._state_file.update, snapshot.update_into))
 
     def _state_snapshot(self) -> _StateSnapshot:
         last = self._last_completed()

@@ -1,22 +1,28 @@
 """Durable node data: rounds, observations, evidence, own signed observations, idempotency.
 
-SQLite in WAL mode with ``synchronous=NORMAL``: a committed transaction survives
-kill -9 of the process (the WAL is in the OS page cache before COMMIT returns), which
-is the durability the daemon acknowledges. Writes go through a group-commit writer:
-callers queue their statements and wait; one transaction commits every queued batch, so
-a burst of observations costs one commit, not one each.
+SQLite in WAL mode. Writes go through a group-commit writer: callers queue their
+statements and wait; one transaction commits every queued batch and one fsync of the
+WAL makes it durable, so a burst of observations costs one commit and one fsync, not
+one each. `commit` returns only after that fsync: what a 2xx answer acknowledges, and
+this node's own signed observation before it leaves the process, is on stable storage
+(etcd fsyncs its WAL before acknowledging, CometBFT its sign-state before signing).
 
-Such a commit appends to the WAL in the page cache and never fsyncs (tens of µs), so the
-writer runs it on the Trio thread: handing it to a worker thread cost 0.3 ms of latency
-at the median and 1 ms at p90, twice on a round's critical path. What does block on the
-disk — a checkpoint, which fsyncs the WAL and the database file — is taken away from
-SQLite's auto-checkpoint and run every CHECKPOINT_EVERY commits on a worker thread, on a
-connection of its own; the event loop goes on, the next commit waits for it.
+The transaction itself runs on the Trio thread (a page-cache append of tens of µs, with
+``synchronous=NORMAL``: SQLite syncs nothing at commit); the fsync runs on a worker
+thread on a descriptor of the WAL file of our own, so the event loop goes on, and reads
+on the Trio thread never wait behind it. The next batch, queued meanwhile, is committed
+and fsynced as soon as it returns. A WAL checkpoint, which fsyncs the WAL and the
+database file, is taken away from SQLite's auto-checkpoint and run every
+CHECKPOINT_EVERY commits on a worker thread, on a connection of its own.
+
+An fsync that fails ends the writer and so the daemon: after a failed fsync the kernel
+may have dropped the dirty pages, and nothing written since can be trusted as durable.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,7 +31,7 @@ from typing import Any
 import attrs
 import trio
 
-from . import failpoints
+from . import durable, failpoints
 from .models import Evidence, Observation, parse_observation
 
 SCHEMA = """
@@ -85,11 +91,19 @@ class Store:
     """The node's database. Open synchronously at start-up; write with `await commit(...)`."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        durable.make_dirs(path.parent)
+        created = not path.exists()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        # The WAL file outlives every checkpoint (TRUNCATE empties it in place) while a
+        # connection is open, so this descriptor stays the WAL's for the store's life.
+        self._wal_fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        durable.fsync(self._wal_fd)
+        if created:
+            durable.fsync_path(path)  # the header that says WAL mode
+        durable.fsync_dir(path.parent)  # the database and its WAL exist after a power cut
         self._checkpointer = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._commits_since_checkpoint = 0
         self._pending: list[Statement] = []
@@ -144,6 +158,10 @@ class Store:
         self._wakeup.set()
         await done.wait()
 
+    async def flush(self) -> None:
+        """Return once everything queued before this call is durable."""
+        await self.commit(())
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer loop: commits queued batches one transaction at a time."""
         self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints: see _checkpoint
@@ -158,6 +176,8 @@ class Store:
             done, self._batch_done = self._batch_done, trio.Event()
             if batch:
                 await self._write(batch)
+                await self._sync()
+                await failpoints.hit_async("store.after_sync")
                 self._commits_since_checkpoint += 1
             done.set()
             if self._commits_since_checkpoint >= CHECKPOINT_EVERY:
@@ -165,10 +185,17 @@ class Store:
                 await self._checkpoint()
 
     async def _write(self, batch: list[Statement]) -> None:
-        """One transaction, here on the Trio thread: a WAL append, no fsync."""
+        """One transaction, here on the Trio thread: a WAL append, not yet durable."""
         await failpoints.hit_async("store.before_commit")
         self.write_now(batch)
         await failpoints.hit_async("store.after_commit")
+
+    async def _sync(self) -> None:
+        """Make every committed transaction durable: fsync the WAL, on a worker thread."""
+        await trio.to_thread.run_sync(self.sync_now, abandon_on_cancel=False)
+
+    def sync_now(self) -> None:
+        durable.fsync(self._wal_fd)
 
     async def _checkpoint(self) -> None:
         """Copy the WAL into the database file (it fsyncs both) on a worker thread. New
@@ -186,7 +213,7 @@ class Store:
         return int(busy), int(frames), int(copied)
 
     def write_now(self, statements: Iterable[Statement]) -> None:
-        """One transaction, committed before this returns (the writer, start-up, tools)."""
+        """One transaction, committed (not yet fsynced: see `sync_now`) before this returns."""
         with self._transaction():
             for sql, params in statements:
                 self._db.execute(sql, params)
@@ -277,6 +304,7 @@ class Store:
             self._closed = True
             self._checkpointer.close()
             self._db.close()
+            os.close(self._wal_fd)
 
 
 def _max_own_audit_id(db: sqlite3.Connection) -> int:
