@@ -179,7 +179,7 @@ async def _measure(send: Callable[[], Awaitable[None]], requests: int) -> dict[s
 
 
 async def _anna(port: int, context: ssl.SSLContext | None, requests: int) -> dict[str, float]:
-    from anna_trio.rpc.client import HttpClient
+    from anna_trio.transport.client import HttpClient
 
     client = HttpClient("127.0.0.1", port, ssl_context=context)
 
@@ -209,7 +209,7 @@ async def _httpx(port: int, context: ssl.SSLContext | None, requests: int) -> di
 
 async def _connect_ms(port: int, context: ssl.SSLContext | None, connections: int) -> float:
     """Wall time of a fresh connection plus one request (the handshake dominates with TLS)."""
-    from anna_trio.rpc.client import HttpClient
+    from anna_trio.transport.client import HttpClient
 
     started = time.perf_counter()
     for _ in range(connections):

@@ -59,8 +59,8 @@ from _common import (
 
 from anna_trio import testnet, tls
 from anna_trio.config import load_cluster_config
-from anna_trio.rpc.client import HttpClient
 from anna_trio.sim import signed_observation
+from anna_trio.transport.client import HttpClient
 
 PHASES = ("latency", "sustained", "rss", "submit")
 DEFAULT_PHASES = ("latency", "sustained", "submit")

@@ -11,7 +11,7 @@ Phases (both always run):
              task and one kept-alive connection per member polls POST /v3/kv/range with
              serializable=true (the member's own applied state, no round trip to the
              leader) until the key is there; the latency is put sent -> the last member
-             has it. Same client (anna_trio.rpc.client.HttpClient), same probe period and
+             has it. Same client (anna_trio.transport.client.HttpClient), same probe period and
              same "send, wait for the answer, then probe every member" shape as a round
              in bench_cluster's latency phase.
   sustained  --sustained-puts from --connections connections (a put's answer waits for
@@ -51,7 +51,7 @@ from _common import (
 
 from anna_trio import tls
 from anna_trio._exceptions import PeerError
-from anna_trio.rpc.client import HttpClient
+from anna_trio.transport.client import HttpClient
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 READY_TIMEOUT = 30.0

@@ -28,8 +28,8 @@ from _common import cpu_seconds
 
 from anna_trio import tls
 from anna_trio.models import TlsConfig
-from anna_trio.rpc.client import HttpClient
-from anna_trio.rpc.http import HttpServer, Request, Response, json_response
+from anna_trio.transport.client import HttpClient
+from anna_trio.transport.server import HttpServer, Request, Response, json_response
 
 BODY = b'{"from":"node_001","rounds":[],"observations":[],"evidence":[]}'
 # The sizes on the wire of one exchange above: request head + BODY, and the answer.

@@ -38,8 +38,8 @@ from _launch import LiveCluster, value
 from anna_trio import failpoints, tls
 from anna_trio.config import load_cluster_config
 from anna_trio.models import COMPONENT_NAMES, OBSERVATION_FIELDS, ROUND_ID_RE
-from anna_trio.rpc.client import HttpClient, PeerConnectionError, Response, encode_header
 from anna_trio.sim import signed_observation
+from anna_trio.transport.client import HttpClient, PeerConnectionError, Response, encode_header
 
 pytestmark = [
     pytest.mark.integration,

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from anna_trio.rpc.http import (
+from anna_trio.transport.server import (
     BODY_TIMEOUT,
     HEADER_TIMEOUT,
     KEEP_ALIVE_TIMEOUT,
@@ -258,7 +258,7 @@ async def test_an_error_of_ours_outside_the_handler_closes_only_its_connection(
 ) -> None:
     """A failure where no handler runs (here: encoding the answer) is logged with its
     traceback, counted, and ends that connection; the next one is served."""
-    import anna_trio.rpc.http as http_module
+    import anna_trio.transport.server as http_module
 
     real_encode = http_module._encode
 

@@ -20,10 +20,10 @@ from anna_trio.metrics import Metrics
 from anna_trio.models import ClusterConfig, PeerConfig
 from anna_trio.node import Node, round_view_json
 from anna_trio.observer import Observer
-from anna_trio.rpc.http import Request, json_response
 from anna_trio.rpc.server import ROUND_ANSWER_CACHE, RpcServer
 from anna_trio.state.migration import migrate_state
 from anna_trio.state.statefile import StateFile
+from anna_trio.transport.server import Request, json_response
 from inline_store import InlineStore
 from strategies import node_pubkey_hex, signed_observation
 

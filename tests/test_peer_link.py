@@ -13,7 +13,7 @@ import trio.testing
 from anna_trio.metrics import Metrics
 from anna_trio.models import PeerConfig
 from anna_trio.peers import PeerLink
-from anna_trio.rpc.client import PeerConnectionError, Response
+from anna_trio.transport.client import PeerConnectionError, Response
 
 PEER = PeerConfig("node_002", "127.0.0.1", 8002, "00" * 32)
 

@@ -35,8 +35,8 @@ from _launch import (
 )
 from anna_trio import tls
 from anna_trio.coordinator import interval_round_id
-from anna_trio.rpc.client import HttpClient
 from anna_trio.testnet import Cluster
+from anna_trio.transport.client import HttpClient
 
 pytestmark = pytest.mark.integration
 

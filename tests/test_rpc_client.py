@@ -28,7 +28,7 @@ from quart_trio import QuartTrio
 
 from anna_trio import tls
 from anna_trio._exceptions import PeerError
-from anna_trio.rpc.client import (
+from anna_trio.transport.client import (
     HttpClient,
     PeerConnectionError,
     PeerTLSError,

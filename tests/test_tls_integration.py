@@ -26,8 +26,8 @@ from _launch import (
 )
 from anna_trio import crypto, tls
 from anna_trio._exceptions import PeerError
-from anna_trio.rpc.client import HttpClient, PeerTLSError, Response
 from anna_trio.testnet import Cluster
+from anna_trio.transport.client import HttpClient, PeerTLSError, Response
 
 pytestmark = pytest.mark.integration
 

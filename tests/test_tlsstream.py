@@ -17,7 +17,7 @@ import trio.testing
 
 from anna_trio import tls
 from anna_trio.models import TlsConfig
-from anna_trio.rpc.tlsstream import TlsStream
+from anna_trio.transport.tlsstream import TlsStream
 
 HOST = "127.0.0.1"
 

@@ -29,13 +29,13 @@ from .models import ClusterConfig, format_utc
 from .node import Node
 from .observer import Observer
 from .peers import PeerSupervisor
-from .rpc.http import HttpServer
 from .rpc.server import MetricsServer, RpcServer
 from .state.lock import StateDirLock
 from .state.migration import migrate_state, node_allocator
 from .state.statefile import StateFile
 from .store import Store
 from .tls import ReloadableServerContext, client_context
+from .transport.server import HttpServer
 
 log = logging.getLogger("anna.daemon")
 

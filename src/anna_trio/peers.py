@@ -24,7 +24,7 @@ from ._exceptions import PeerError
 from .metrics import Metrics
 from .models import ClusterConfig, PeerConfig
 from .node import Node
-from .rpc.client import HttpClient, Response
+from .transport.client import HttpClient, Response
 
 log = logging.getLogger("anna.peers")
 

@@ -26,8 +26,8 @@ import trio
 
 from . import crypto, tls
 from .models import ClusterConfig
-from .rpc.client import HttpClient
 from .sim import signed_observation
+from .transport.client import HttpClient
 
 RPC_BASE = 8000
 METRICS_BASE = 9000

@@ -28,8 +28,8 @@ from chaos_cluster import ROUND_TIMEOUT, ChaosCluster
 
 from anna_trio import testnet, tls
 from anna_trio.config import load_cluster_config
-from anna_trio.rpc.client import HttpClient
 from anna_trio.sim import signed_observation
+from anna_trio.transport.client import HttpClient
 
 pytestmark = pytest.mark.chaos
 

@@ -44,7 +44,7 @@ def call(
     """One request to the node named by --node; returns (status, decoded JSON)."""
     import trio
 
-    from ..rpc.client import HttpClient
+    from ..transport.client import HttpClient
 
     context, insecure = _client_tls(Path(args.peers))
     url = args.node or (

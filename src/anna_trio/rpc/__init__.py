@@ -1,1 +1,2 @@
-"""Node-to-node RPC: the HTTP server and the peer client."""
+"""The RPC port's routes: parsing, limits, rate limit and idempotency in front of the
+node, served by the lean transport (`anna_trio.transport`)."""

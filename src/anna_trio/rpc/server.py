@@ -1,4 +1,4 @@
-"""The RPC routes (SPEC §7) and the metrics routes, on the lean HTTP server (rpc/http.py).
+"""The RPC routes (SPEC §7) and the metrics routes, on the lean HTTP server (transport/server.py).
 
 Every failure path answers JSON `{"success": false, "error", "message"}`; client input
 never produces a 500. Limits are checked before any work: body size (by the server,
@@ -22,7 +22,7 @@ from ..consensus.engine import RoundView
 from ..metrics import Metrics
 from ..models import ROUND_ID_RE, Limits, is_round_id, is_window_hours
 from ..node import Node, Reply, error_reply, round_view_json
-from .http import Request, Response, error_response, json_response
+from ..transport.server import Request, Response, error_response, json_response
 from .ratelimit import TokenBuckets, retry_after_header
 
 log = logging.getLogger("anna.rpc")

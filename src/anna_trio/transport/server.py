@@ -29,7 +29,7 @@ import attrs
 import httptools
 import trio
 
-from anna_trio.rpc.tlsstream import TlsStream
+from anna_trio.transport.tlsstream import TlsStream
 
 log = logging.getLogger("anna.http")
 

@@ -25,7 +25,7 @@ import httptools
 import trio
 
 from anna_trio._exceptions import PeerError
-from anna_trio.rpc.tlsstream import TlsStream
+from anna_trio.transport.tlsstream import TlsStream
 
 __all__ = [
     "HttpClient",
