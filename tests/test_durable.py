@@ -124,28 +124,44 @@ def test_a_new_store_is_durable_with_its_wal_and_directory(
         assert fsyncs.synced(synced), synced
 
 
-def test_the_unsafe_switch_skips_every_fsync_and_says_so(tmp_path: Path) -> None:
+def test_the_unsafe_switch_skips_the_logs_fsyncs_only_and_says_so(tmp_path: Path) -> None:
     """ANNA_UNSAFE_NO_FSYNC=1 (the power-loss suite's proof that it can fail) turns off
-    every fsync of the process; nothing else may turn them off."""
+    the fsyncs of the WAL and the audit log; whole-file writes stay synced."""
     script = (
         "import os, logging, sys\n"
         "from pathlib import Path\n"
-        "calls = []\n"
+        "synced = []\n"
         "real = os.fsync\n"
-        "os.fsync = lambda fd: (calls.append(fd), real(fd))\n"
+        "os.fsync = lambda fd: (synced.append(os.readlink(f'/proc/self/fd/{fd}')), real(fd))\n"
         "logging.basicConfig()\n"
-        "from anna_trio import durable, crypto\n"
+        "from anna_trio import durable\n"
+        "from anna_trio.audit import AuditIdAllocator, AuditLog\n"
+        "from anna_trio.store import Store\n"
         "durable.warn_if_unsafe()\n"
-        "crypto.create_keypair(Path(sys.argv[1]) / 'keys')\n"
-        "print(len(calls))\n"
+        "base = Path(sys.argv[1])\n"
+        "log = AuditLog.open(base / 'audit.jsonl', 'n', AuditIdAllocator())\n"
+        "log.append('daemon_start', {})\n"
+        "store = Store(base / 'node.db')\n"
+        "store.write_now([Store.round_stmt('r', 24, 0.0)])\n"
+        "synced.clear()\n"
+        "store.sync_now()\n"
+        "log.append('daemon_stop', {})\n"
+        "print(' '.join(sorted({Path(p).name for p in synced})))\n"
     )
-    for env, expected in (({}, "6"), ({durable.UNSAFE_ENV: "1"}, "0")):
+    runs = {}
+    for name, env in (("safe", {}), ("unsafe", {durable.UNSAFE_ENV: "1"})):
+        (tmp_path / name).mkdir()
         done = subprocess.run(
-            [sys.executable, "-c", script, str(tmp_path / str(len(env)))],
+            [sys.executable, "-c", script, str(tmp_path / name)],
             env={**os.environ, **env},
             capture_output=True,
             text=True,
             check=True,
         )
-        assert done.stdout.strip() == expected
-        assert ("fsync is OFF" in done.stderr) == bool(env)
+        runs[name] = (done.stdout.split(), "fsync is OFF" in done.stderr)
+    safe, warned = runs["safe"]
+    assert {"audit.jsonl", "node.db-wal"} <= set(safe) and not warned
+    unsafe, warned = runs["unsafe"]
+    assert warned and not {"audit.jsonl", "node.db-wal"} & set(unsafe)
+    assert any(n.startswith(".audit.jsonl.head.") for n in unsafe)  # the anchor's data
+    assert "unsafe" in unsafe  # and its rename: whole-file writes stay synced

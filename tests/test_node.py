@@ -401,3 +401,36 @@ async def test_state_json_never_claims_more_than_the_database_holds(
         assert rounds_in_state_json() == 2
         nursery.cancel_scope.cancel()
     store.close()
+
+
+async def test_a_duplicate_is_answered_only_once_its_original_is_durable(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A submit answered `duplicate: true` acknowledges the observation gossip brought a
+    moment ago: the answer waits for that one's fsync (else a power cut loses it)."""
+    node = make_node(tmp_path, "node_002", store_type=GatedStore)
+    store = node.store
+    assert isinstance(store, GatedStore)
+    node.restore()
+    obs = signed_observation("node_002", "r1").to_dict()
+    answered: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await nursery.start(node.run)
+        nursery.start_soon(node.ingest, {"observations": [obs]})  # from gossip, not durable yet
+
+        async def submit() -> None:
+            answered.append(await node.submit({"observation": obs}))
+
+        with trio.fail_after(5):
+            await store.syncing.wait()
+        nursery.start_soon(submit)
+        await trio.sleep(5)
+        assert answered == []
+        store.gate.set()
+        with trio.fail_after(5):
+            while not answered:  # noqa: ASYNC110 - the submit's own completion
+                await trio.sleep(0.01)
+        assert answered[0].body["duplicate"] is True
+        nursery.cancel_scope.cancel()
+    store.close()

@@ -8,9 +8,11 @@ fsynced, and the node database's WAL is fsynced through `fsync` as well.
 Everything here blocks on the disk: the daemon calls it from worker threads
 (`trio.to_thread`), never on the event loop.
 
-``ANNA_UNSAFE_NO_FSYNC=1`` in the environment skips every fsync, for one purpose: the
-power-loss suite shows with it that it does catch the losses durability prevents.
-A process started with it logs a warning that says so.
+``ANNA_UNSAFE_NO_FSYNC=1`` in the environment skips the fsyncs of the two logs that
+make answers durable — the node database's WAL and the audit log (etcd's
+``--unsafe-no-fsync`` does the same to its WAL) — for one purpose: the power-loss suite
+shows with it that it does catch the losses they prevent. Whole-file writes stay
+synced. A process started with it logs a warning that says so.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ def warn_if_unsafe() -> None:
 
 
 def fsync(fd: int) -> None:
-    """fsync(2), unless the unsafe test switch is on."""
+    os.fsync(fd)
+
+
+def fsync_log(fd: int) -> None:
+    """fsync an append-only log (the store's WAL, the audit log), unless the unsafe
+    test switch is on."""
     if not SKIP_FSYNC:
         os.fsync(fd)
 

@@ -610,8 +610,9 @@ class Node:
         for event in events:
             self._effects(event, statements, audits)
         statements.extend(extra)
-        if statements:
-            await self.store.commit(statements)
+        # Nothing new still acknowledges what came before: a duplicate of an observation
+        # gossip brought a moment ago is answered once that one is durable too.
+        await self.store.commit(statements)
         for name, fields in audits:
             async with self._audit_lock:
                 await self._run_blocking(partial(self._audit.append, name, fields))

@@ -195,7 +195,7 @@ class Store:
         await trio.to_thread.run_sync(self.sync_now, abandon_on_cancel=False)
 
     def sync_now(self) -> None:
-        durable.fsync(self._wal_fd)
+        durable.fsync_log(self._wal_fd)
 
     async def _checkpoint(self) -> None:
         """Copy the WAL into the database file (it fsyncs both) on a worker thread. New
