@@ -220,18 +220,26 @@ async def annactl(*args: str) -> tuple[int, str]:
 async def check_audit_log(path: Path, scratch: Path, findings: Findings) -> None:
     """`annactl audit verify` accepts the log; a copy without its last entry (the anchor
     file `<log>.head` copied beside it, as a backup tool would) is refused, naming the
-    last entry the chain head says exists."""
-    code, output = await annactl("audit", "verify", "--audit-log", str(path))
-    if code != 0:
-        findings.add(AUDIT_LOG, f"annactl audit verify exit {code}: {output}")
-        return
+    last entry the chain head says exists. The two run side by side."""
     entries = read_audit(path)
     if len(entries) < 2:
         findings.add(AUDIT_LOG, f"only {len(entries)} entries in {path}")
         return
     copy, anchored = truncated_copy(path, scratch)
+    answers: dict[Path, tuple[int, str]] = {}
+
+    async def verify(log: Path) -> None:
+        answers[log] = await annactl("audit", "verify", "--audit-log", str(log))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(verify, path)
+        nursery.start_soon(verify, copy)
+    code, output = answers[path]
+    if code != 0:
+        findings.add(AUDIT_LOG, f"annactl audit verify exit {code}: {output}")
+        return
     last = entries[-1]["audit_id"]
-    code, output = await annactl("audit", "verify", "--audit-log", str(copy))
+    code, output = answers[copy]
     anchor = "" if anchored else f" (no anchor {path.name}{HEAD_SUFFIX} beside the log)"
     if code != 1:
         findings.add(
