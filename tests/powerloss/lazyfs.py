@@ -128,6 +128,11 @@ class Mount:
         with self.output.open("wb") as out:
             self._process = subprocess.Popen(
                 [
+                    # LazyFS aborts when it stops (a joinable std::thread): no core files
+                    # of its 64 MB cache, whatever the machine's core limit.
+                    "sh",
+                    "-c",
+                    'ulimit -c 0 && exec "$0" "$@"',
                     str(self.binary),
                     str(self.mountpoint),
                     # Relative, from cwd: LazyFS ignores a config path containing "-o"
