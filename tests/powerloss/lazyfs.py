@@ -54,16 +54,16 @@ def build_script() -> Path:
 def build() -> Path:
     """The lazyfs binary, built on first use (about 75 s on 2 cores) under a lock, so two
     sessions sharing the cache never build it twice."""
-    script = build_script()
-    missing = [tool for tool in ("g++", "cmake") if shutil.which(tool) is None]
-    if not Path("/usr/include/fuse3/fuse.h").exists():
-        missing.append("libfuse3-dev")
     CACHE.mkdir(parents=True, exist_ok=True)
     with (CACHE.parent / f"{CACHE.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         binary = CACHE / "lazyfs" / "build" / "lazyfs"
         if binary.is_file() and os.access(binary, os.X_OK):
             return binary
+        script = build_script()
+        missing = [tool for tool in ("g++", "cmake") if shutil.which(tool) is None]
+        if not Path("/usr/include/fuse3/fuse.h").exists():
+            missing.append("libfuse3-dev")
         if missing:
             raise LazyFSUnavailable(
                 f"cannot build LazyFS: {', '.join(missing)} missing "
