@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import trio
 from lazyfs import Mount
 
 from _launch import LiveCluster
@@ -57,6 +58,35 @@ class PowerLossCluster(LiveCluster):
         status = self.kill(n)
         self.mounts[n].clear_cache()
         return status
+
+    async def restart(self, n: int) -> str | None:
+        """Start node n again: None once it is ready, else why not — it exited (a state
+        it cannot read exits at once: no waiting out the ready timeout) or never got
+        ready — with its log's tail."""
+        self.start(n)
+        process = self.processes[n]
+        failure: str | None = None
+
+        async def ready(scope: trio.CancelScope) -> None:
+            nonlocal failure
+            try:
+                await self.wait_ready(n)
+            except RuntimeError as exc:
+                failure = str(exc)
+            scope.cancel()
+
+        async def exited(scope: trio.CancelScope) -> None:
+            nonlocal failure
+            while process.poll() is None:  # noqa: ASYNC110 - a child process has no event
+                await trio.sleep(0.05)
+            failure = f"annad exited with status {process.returncode}"
+            del self.processes[n]
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ready, nursery.cancel_scope)
+            nursery.start_soon(exited, nursery.cancel_scope)
+        return None if failure is None else f"{failure}:\n{self.log_tail(n)}"
 
     def pause(self, n: int) -> None:
         """SIGSTOP: node n stops answering, so a restarted peer cannot refill from it."""

@@ -431,11 +431,9 @@ class Operational:
         for n in self.peers:
             cluster.pause(n)
         try:
-            cluster.start(victim)
-            try:
-                await cluster.wait_ready(victim)
-            except RuntimeError as exc:
-                findings.add(RESTART, f"{exc}\n{cluster.log_tail(victim)}")
+            failure = await cluster.restart(victim)
+            if failure is not None:
+                findings.add(RESTART, failure)
                 return
             async with self.rpc() as rpc:
                 await self.check_own(rpc)
@@ -675,11 +673,9 @@ async def migration_crash(case: Case, lazyfs: Path, directory: Path) -> Findings
             findings.add(FIRED, f"{how} with {case.crash}=exit ended with status {status}")
         await trio.to_thread.run_sync(cluster.mounts[1].clear_cache)
         check_migrated(node_dir / "state.json", v1, findings, f"after the cut in {how}", True)
-        cluster.start(1)
-        try:
-            await cluster.wait_ready(1)
-        except RuntimeError as exc:
-            findings.add(RESTART, f"{exc}\n{cluster.log_tail(1)}")
+        failure = await cluster.restart(1)
+        if failure is not None:
+            findings.add(RESTART, failure)
             return findings
         codes = await trio.to_thread.run_sync(cluster.stop_all)
         if codes.get(1) != 0:
