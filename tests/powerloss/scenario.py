@@ -42,8 +42,8 @@ from _launch import reload
 from anna_trio import testnet, tls
 from anna_trio._exceptions import StateError
 from anna_trio.config import load_cluster_config
-from anna_trio.rpc.client import HttpClient
 from anna_trio.state.schema import parse_state, validate_v2
+from anna_trio.transport.client import HttpClient
 
 ANNACTL = str(Path(sys.executable).parent / "annactl")
 KILL = "kill"  # the crash point that is no failpoint: kill -9 at a seeded moment
