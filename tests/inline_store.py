@@ -8,12 +8,19 @@ own observation would expire during a checkpoint). Same SQL, same group commit.
 
 from __future__ import annotations
 
-from anna_trio.store import Store
+from pathlib import Path
+
+from anna_trio.store import FileDisk, Store
+
+
+class InlineFileDisk(FileDisk):
+    async def sync(self) -> None:
+        self.sync_now()
+
+    async def checkpoint(self) -> None:
+        self.checkpoint_now()
 
 
 class InlineStore(Store):
-    async def _sync(self) -> None:
-        self.sync_now()
-
-    async def _checkpoint(self) -> None:
-        self.checkpoint_now()
+    def __init__(self, path: Path) -> None:
+        super().__init__(InlineFileDisk(path))

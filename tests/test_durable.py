@@ -119,7 +119,7 @@ def test_a_new_store_is_durable_with_its_wal_and_directory(
     tmp_path: Path, fsyncs: FsyncRecorder
 ) -> None:
     path = tmp_path / "state" / "node.db"
-    Store(path).close()
+    Store.on_file(path).close()
     for synced in (tmp_path, path, Path(f"{path}-wal"), path.parent):
         assert fsyncs.synced(synced), synced
 
@@ -141,10 +141,10 @@ def test_the_unsafe_switch_skips_the_logs_fsyncs_only_and_says_so(tmp_path: Path
         "base = Path(sys.argv[1])\n"
         "log = AuditLog.open(base / 'audit.jsonl', 'n', AuditIdAllocator())\n"
         "log.append('daemon_start', {})\n"
-        "store = Store(base / 'node.db')\n"
+        "store = Store.on_file(base / 'node.db')\n"
         "store.write_now([Store.round_stmt('r', 24, 0.0)])\n"
         "synced.clear()\n"
-        "store.sync_now()\n"
+        "store.disk.sync_now()\n"
         "log.append('daemon_stop', {})\n"
         "print(' '.join(sorted({Path(p).name for p in synced})))\n"
     )

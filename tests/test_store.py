@@ -13,8 +13,8 @@ import trio
 import trio.testing
 
 from anna_trio import failpoints, store
-from anna_trio.store import Store
-from inline_store import InlineStore
+from anna_trio.store import FileDisk, Store
+from inline_store import InlineFileDisk, InlineStore
 
 
 def round_row(n: int) -> store.Statement:
@@ -43,7 +43,7 @@ async def test_commit_returns_after_the_wal_fsync_which_runs_on_a_worker_thread(
     """Group commit: the transaction on the Trio thread, then one fsync of the WAL on a
     worker thread for the whole batch; no waiter is released before it."""
     path = tmp_path / "node.db"
-    db = Store(path)  # the real writer, not the test double
+    db = Store.on_file(path)  # the real writer, not the test double
     wal = os.stat(f"{path}-wal")
     main = threading.current_thread()
     synced: list[tuple[bool, int]] = []  # (on a worker thread?, rounds committed then)
@@ -100,10 +100,11 @@ async def test_checkpoint_every_so_many_commits(
 
 def test_checkpoint_now_copies_the_wal_and_empties_it(tmp_path: Path) -> None:
     path = tmp_path / "node.db"
-    db = Store(path)
+    db = Store.on_file(path)
     db.write_now([round_row(1), round_row(2)])
     assert wal_bytes(path) > 0
-    assert db.checkpoint_now() == (0, 0, 0)  # TRUNCATE reports the emptied log
+    assert isinstance(db.disk, FileDisk)
+    assert db.disk.checkpoint_now() == (0, 0, 0)  # TRUNCATE reports the emptied log
     assert rounds_in_database_file(path) == 2
     assert wal_bytes(path) == 0
     db.close()
@@ -116,15 +117,15 @@ async def test_the_wal_stays_small_under_a_stream_of_commits(
     checkpoint, so each one copies everything and the WAL never grows past a few
     checkpoints' worth (one racing the writer never caught up: 130 MB in a run)."""
     monkeypatch.setattr(store, "CHECKPOINT_EVERY", 10)
-    checkpoint = Store.checkpoint_now
+    checkpoint = FileDisk.checkpoint_now
 
-    def slow_checkpoint(self: Store) -> tuple[int, int, int]:
+    def slow_checkpoint(self: FileDisk) -> tuple[int, int, int]:
         time.sleep(0.005)  # on the worker thread: a disk slower than the writer
         return checkpoint(self)
 
-    monkeypatch.setattr(Store, "checkpoint_now", slow_checkpoint)
+    monkeypatch.setattr(FileDisk, "checkpoint_now", slow_checkpoint)
     path = tmp_path / "node.db"
-    db = Store(path)
+    db = Store.on_file(path)
     largest = 0
     async with trio.open_nursery() as nursery:
         await nursery.start(db.run)
@@ -169,4 +170,47 @@ async def test_a_sleeping_commit_failpoint_stalls_the_writer_not_the_loop(
             nursery.cancel_scope.cancel()
     finally:
         failpoints.disarm("store.before_commit")
+    db.close()
+
+
+async def test_a_cancelled_writer_commits_what_is_queued_and_late_committers_still_commit(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Shutdown cancels the writer while shielded steps of the node still commit: the
+    queued rows go in one last transaction, and a commit made after that on its own."""
+    db = InlineStore(tmp_path / "node.db")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(db.run)
+        db._pending.append(round_row(1))  # queued, the writer not yet woken
+        nursery.cancel_scope.cancel()
+    with trio.CancelScope(shield=True):
+        await db.commit([round_row(2)])
+    assert [r for r, _ in db.load(10).rounds] == ["round_0001", "round_0002"]
+    db.close()
+
+
+async def test_a_failed_fsync_stops_the_writer_and_every_committer_hears_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    class BrokenDisk(InlineFileDisk):
+        async def sync(self) -> None:
+            raise OSError(5, "I/O error")
+
+    db = Store(BrokenDisk(tmp_path / "node.db"))
+    errors: list[BaseException] = []
+
+    async def committer(n: int) -> None:
+        try:
+            await db.commit([round_row(n)])
+        except trio.ClosedResourceError as exc:
+            errors.append(exc)
+
+    with pytest.RaisesGroup(pytest.RaisesExc(OSError, match="I/O error")):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(committer, 1)
+            nursery.start_soon(committer, 2)
+            await db.run()
+    with pytest.raises(trio.ClosedResourceError):
+        await db.commit([round_row(3)])
+    assert len(errors) == 2
     db.close()

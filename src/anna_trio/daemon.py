@@ -107,7 +107,7 @@ class Daemon:
         )
         log.info("state: %s", outcome.name.lower())
         state_file = await trio.to_thread.run_sync(StateFile.load, s.state_dir)
-        store = await trio.to_thread.run_sync(Store, s.state_dir / "node.db")
+        store = await trio.to_thread.run_sync(Store.on_file, s.state_dir / "node.db")
         try:
             node = Node(
                 node_id=s.node_id,

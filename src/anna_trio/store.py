@@ -17,6 +17,9 @@ CHECKPOINT_EVERY commits on a worker thread, on a connection of its own.
 
 An fsync that fails ends the writer and so the daemon: after a failed fsync the kernel
 may have dropped the dirty pages, and nothing written since can be trusted as durable.
+
+The file and its fsyncs are the store's `Disk` (`FileDisk`); the cluster simulator puts
+the same store on a disk of its own that loses what was not synced at a power cut.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import os
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -87,29 +90,112 @@ class StoredData:
     max_own_audit_id: int
 
 
-class Store:
-    """The node's database. Open synchronously at start-up; write with `await commit(...)`."""
+class Disk(Protocol):
+    """What the store's database lives on: SQLite on a file (`FileDisk`), or the
+    simulator's disk, which keeps what was synced and loses the rest at a power cut."""
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection reads and `write` use, its schema created."""
+        ...
+
+    def write(self, statements: Iterable[Statement]) -> None:
+        """One transaction, committed (not yet durable) before this returns."""
+        ...
+
+    async def sync(self) -> None:
+        """Make every committed transaction durable."""
+        ...
+
+    async def checkpoint(self) -> None:
+        """Housekeeping every CHECKPOINT_EVERY commits (a WAL checkpoint)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FileDisk:
+    """SQLite in WAL mode on a file; the WAL's fsync and checkpoints on worker threads."""
 
     def __init__(self, path: Path) -> None:
         durable.make_dirs(path.parent)
         created = not path.exists()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = _connect(path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints: see `checkpoint`
         self._db.executescript(SCHEMA)
         # The WAL file outlives every checkpoint (TRUNCATE empties it in place) while a
-        # connection is open, so this descriptor stays the WAL's for the store's life.
+        # connection is open, so this descriptor stays the WAL's for the disk's life.
         self._wal_fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
         durable.fsync(self._wal_fd)
         if created:
             durable.fsync_path(path)  # the header that says WAL mode
         durable.fsync_dir(path.parent)  # the database and its WAL exist after a power cut
-        self._checkpointer = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._checkpointer = _connect(path)
+        self._closed = False
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        return self._db
+
+    def write(self, statements: Iterable[Statement]) -> None:
+        with _Transaction(self._db):
+            for sql, params in statements:
+                self._db.execute(sql, params)
+
+    async def sync(self) -> None:
+        """fsync the WAL on a worker thread: the event loop goes on meanwhile."""
+        await trio.to_thread.run_sync(self.sync_now, abandon_on_cancel=False)
+
+    def sync_now(self) -> None:
+        durable.fsync_log(self._wal_fd)
+
+    async def checkpoint(self) -> None:
+        """Copy the WAL into the database file (it fsyncs both) on a worker thread. New
+        commits wait meanwhile (a few ms every CHECKPOINT_EVERY commits): a checkpoint
+        racing the writer never catches up under load, and SQLite only starts the WAL
+        over once one has copied every frame — the WAL grew past 130 MB in a run."""
+        await trio.to_thread.run_sync(self.checkpoint_now, abandon_on_cancel=False)
+
+    def checkpoint_now(self) -> tuple[int, int, int]:
+        """TRUNCATE: copy every WAL frame into the database, then empty the WAL file (it
+        waits for readers, which take µs). Returns (busy, WAL frames, frames copied)."""
+        busy, frames, copied = self._checkpointer.execute(
+            "PRAGMA wal_checkpoint(TRUNCATE)"
+        ).fetchone()
+        return int(busy), int(frames), int(copied)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._checkpointer.close()
+            self._db.close()
+            os.close(self._wal_fd)
+
+
+def _connect(path: Path | str) -> sqlite3.Connection:
+    return sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+
+
+class Store:
+    """The node's database, on a `Disk`. Open it at start-up (`Store.on_file`); write
+    with `await commit(...)`, which returns once the rows are durable."""
+
+    def __init__(self, disk: Disk) -> None:
+        self.disk = disk
+        self._db = disk.db
         self._commits_since_checkpoint = 0
         self._pending: list[Statement] = []
         self._batch_done = trio.Event()
         self._wakeup = trio.Event()
-        self._closed = False
+        self._stopped = False  # the writer task has ended
+        self._failed = False  # a commit or an fsync failed: nothing more is committed
+
+    @classmethod
+    def on_file(cls, path: Path) -> Store:
+        """The store of a node database file (blocking: creating it fsyncs)."""
+        return cls(FileDisk(path))
 
     # --- statements ---------------------------------------------------------------
 
@@ -152,74 +238,78 @@ class Store:
     # --- writing ------------------------------------------------------------------
 
     async def commit(self, statements: Iterable[Statement]) -> None:
-        """Return once every statement is durably committed (group commit)."""
+        """Return once every statement is durably committed (group commit). After the
+        writer has been cancelled (shutdown), a late committer — a shielded step —
+        commits on its own task."""
+        if self._failed:
+            raise trio.ClosedResourceError("the store's writer failed; nothing is committed")
         self._pending.extend(statements)
+        if self._stopped:
+            await self._commit_pending()
+            return
         done = self._batch_done
         self._wakeup.set()
         await done.wait()
+        if self._failed:
+            raise trio.ClosedResourceError("the store's writer failed before this commit")
 
     async def flush(self) -> None:
         """Return once everything queued before this call is durable."""
         await self.commit(())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The writer loop: commits queued batches one transaction at a time."""
-        self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints: see _checkpoint
+        """The writer loop: commits queued batches one transaction at a time.
+
+        Cancelled, it first commits what is still queued (shielded: one transaction and
+        one fsync), so no committer it leaves behind — a shielded step of the node — is
+        left waiting. If a commit or an fsync fails, the writer stops there and every
+        committer gets ClosedResourceError."""
         task_status.started()
-        while True:
-            await self._wakeup.wait()
-            # One scheduling pass first: tasks woken with the committer (a round's own
-            # signing alongside the gossip that opened it) join this transaction.
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            self._wakeup = trio.Event()
-            batch, self._pending = self._pending, []
-            done, self._batch_done = self._batch_done, trio.Event()
+        try:
+            while True:
+                await self._wakeup.wait()
+                # One scheduling pass first: tasks woken with the committer (a round's own
+                # signing alongside the gossip that opened it) join this transaction.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                self._wakeup = trio.Event()
+                await self._commit_pending()
+                if self._commits_since_checkpoint >= CHECKPOINT_EVERY:
+                    self._commits_since_checkpoint = 0
+                    await self.disk.checkpoint()
+        finally:
+            self._stopped = True
+            if not self._failed:
+                with trio.CancelScope(shield=True):
+                    await self._commit_pending()
+            self._batch_done.set()
+
+    async def _commit_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        done, self._batch_done = self._batch_done, trio.Event()
+        try:
             if batch:
                 await self._write(batch)
                 await self._sync()
                 await failpoints.hit_async("store.after_sync")
                 self._commits_since_checkpoint += 1
+        except BaseException:
+            self._failed = True
+            raise
+        finally:
             done.set()
-            if self._commits_since_checkpoint >= CHECKPOINT_EVERY:
-                self._commits_since_checkpoint = 0
-                await self._checkpoint()
 
     async def _write(self, batch: list[Statement]) -> None:
         """One transaction, here on the Trio thread: a WAL append, not yet durable."""
         await failpoints.hit_async("store.before_commit")
-        self.write_now(batch)
+        self.disk.write(batch)
         await failpoints.hit_async("store.after_commit")
 
     async def _sync(self) -> None:
-        """Make every committed transaction durable: fsync the WAL, on a worker thread."""
-        await trio.to_thread.run_sync(self.sync_now, abandon_on_cancel=False)
-
-    def sync_now(self) -> None:
-        durable.fsync_log(self._wal_fd)
-
-    async def _checkpoint(self) -> None:
-        """Copy the WAL into the database file (it fsyncs both) on a worker thread. New
-        commits wait meanwhile (a few ms every CHECKPOINT_EVERY commits): a checkpoint
-        racing the writer never catches up under load, and SQLite only starts the WAL
-        over once one has copied every frame — the WAL grew past 130 MB in a run."""
-        await trio.to_thread.run_sync(self.checkpoint_now, abandon_on_cancel=False)
-
-    def checkpoint_now(self) -> tuple[int, int, int]:
-        """TRUNCATE: copy every WAL frame into the database, then empty the WAL file (it
-        waits for readers, which take µs). Returns (busy, WAL frames, frames copied)."""
-        busy, frames, copied = self._checkpointer.execute(
-            "PRAGMA wal_checkpoint(TRUNCATE)"
-        ).fetchone()
-        return int(busy), int(frames), int(copied)
+        await self.disk.sync()
 
     def write_now(self, statements: Iterable[Statement]) -> None:
-        """One transaction, committed (not yet fsynced: see `sync_now`) before this returns."""
-        with self._transaction():
-            for sql, params in statements:
-                self._db.execute(sql, params)
-
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+        """One transaction, committed (not yet durable) before this returns (tools, tests)."""
+        self.disk.write(statements)
 
     # --- reading ------------------------------------------------------------------
 
@@ -300,11 +390,7 @@ class Store:
         return (int(row[0]), json.loads(row[1])) if row else None
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._checkpointer.close()
-            self._db.close()
-            os.close(self._wal_fd)
+        self.disk.close()
 
 
 def _max_own_audit_id(db: sqlite3.Connection) -> int:
