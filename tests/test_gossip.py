@@ -26,15 +26,17 @@ from anna_trio.audit import AuditIdAllocator, AuditLog
 from anna_trio.config import ObserverConfig
 from anna_trio.metrics import Metrics
 from anna_trio.models import ClusterConfig, Limits, PeerConfig
-from anna_trio.node import OWN_ANSWER_WAIT, RELAY_LINGER, STUCK_ROUND_FRACTION, Node
-from anna_trio.observer import Measurement, Observer
+from anna_trio.node import OWN_ANSWER_WAIT, Node
+from anna_trio.observer import ConfiguredObserver, Measurement
+from anna_trio.policy import RELAY_LINGER, STUCK_ROUND_FRACTION
+from anna_trio.wire import Batch, parse_batch, sync_answer_json
 from inline_store import InlineStore
 
 ROUND_TIMEOUT = 2.0
 ROUND = "round_20261127T000000Z"
 
 
-class _SlowObserver(Observer):
+class _SlowObserver(ConfiguredObserver):
     """An observer that takes `delay` seconds to measure (a slow node)."""
 
     def __init__(self, node_id: str, delay: float) -> None:
@@ -85,11 +87,11 @@ class _Network:
                 payload.setdefault(kind, []).append(item)
             self.requests[key] += 1
             sent = trio.current_time()
-            reply = await self.nodes[target].gossip(payload)
+            _, own = await self.nodes[target].gossip(parse_batch(payload))
             self.answered_in[key].append(trio.current_time() - sent)
-            assert reply.status == 200, reply
-            if reply.body.get("observations"):
-                await self.nodes[source].ingest({"observations": reply.body["observations"]})
+            if own:
+                carried = tuple(obs.to_dict() for obs in own)
+                await self.nodes[source].ingest(Batch(observations=carried))
 
     def pull_soon(self, node_id: str) -> None:
         self.pulls[node_id] += 1
@@ -100,8 +102,8 @@ class _Network:
         node = self.nodes[node_id]
         for peer_id, peer in self.nodes.items():
             if peer_id != node_id:
-                answer = peer.sync_answer(node.sync_request())
-                await node.ingest(answer.body)
+                answer = sync_answer_json(peer.sync_answer(node.sync_request()))
+                await node.ingest(parse_batch(answer))
 
 
 class _Links:
@@ -117,7 +119,13 @@ class _Links:
         self.network.pull_soon(self.node_id)
 
 
-def _node(directory: Path, node_id: str, config: ClusterConfig, observer: Observer) -> Node:
+def _node(
+    directory: Path,
+    node_id: str,
+    config: ClusterConfig,
+    observer: ConfiguredObserver,
+    outbox: _Links,
+) -> Node:
     ids = AuditIdAllocator()
     return Node(
         node_id=node_id,
@@ -129,6 +137,7 @@ def _node(directory: Path, node_id: str, config: ClusterConfig, observer: Observ
         ids=ids,
         metrics=Metrics(node_id),
         observer=observer,
+        outbox=outbox,
         state_file=None,
     )
 
@@ -155,11 +164,12 @@ def cluster_of(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> Any:
         network = _Network()
         for n in node_ids:
             observer = (
-                _SlowObserver(n, slow[n]) if slow and n in slow else Observer(ObserverConfig(), n)
+                _SlowObserver(n, slow[n])
+                if slow and n in slow
+                else ConfiguredObserver(ObserverConfig(), n)
             )
-            node = network.nodes[n] = _node(tmp_path, n, config, observer)
+            node = network.nodes[n] = _node(tmp_path, n, config, observer, network.outbox(n))
             node.restore()
-            node.outbox = network.outbox(n)
         async with trio.open_nursery() as nursery:
             network.nursery = nursery
             for node in network.nodes.values():

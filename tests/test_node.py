@@ -17,17 +17,25 @@ from anna_trio import crypto
 from anna_trio.audit import AuditIdAllocator, AuditLog
 from anna_trio.config import ObserverConfig
 from anna_trio.metrics import Metrics
-from anna_trio.models import ClusterConfig, PeerConfig
-from anna_trio.node import Node, round_view_json
-from anna_trio.observer import Observer
+from anna_trio.models import ClusterConfig, Observation, PeerConfig
+from anna_trio.node import Node, SubmitOutcome
+from anna_trio.observer import ConfiguredObserver
+from anna_trio.outbox import PeerOutbox
 from anna_trio.rpc.server import ROUND_ANSWER_CACHE, RpcServer
+from anna_trio.rpc.views import round_json, status_json
+from anna_trio.seams import Outbox
 from anna_trio.state.migration import migrate_state
 from anna_trio.state.statefile import StateFile
 from anna_trio.transport.server import Request, json_response
+from anna_trio.wire import Batch, parse_batch, parse_sync_request
 from inline_store import InlineStore
 from strategies import node_pubkey_hex, signed_observation
 
 RETAIN = 5
+
+
+def observations_of(*observations: Observation) -> Batch:
+    return Batch(observations=tuple(obs.to_dict() for obs in observations))
 
 
 async def run_inline(work: Callable[[], object]) -> object:
@@ -40,6 +48,7 @@ def make_node(
     *others: str,
     store_type: type[InlineStore] = InlineStore,
     state_file: StateFile | None = None,
+    outbox: Outbox | None = None,
 ) -> Node:
     """node_001 with its own key; `others` are validators with the test keys of strategies."""
     key = crypto.load_or_create_key(directory / "keys")
@@ -63,7 +72,8 @@ def make_node(
         audit=AuditLog.open(directory / "audit.jsonl", "node_001", ids),
         ids=ids,
         metrics=Metrics("node_001"),
-        observer=Observer(ObserverConfig(), "node_001"),
+        observer=ConfiguredObserver(ObserverConfig(), "node_001"),
+        outbox=outbox or PeerOutbox(others),
         state_file=state_file,
         retain_rounds=RETAIN,
         run_blocking=run_inline,
@@ -104,8 +114,8 @@ async def test_pruned_rounds_release_their_own_observations(
     for i in range(4 * RETAIN):
         await complete(running, f"r{i:03d}")
     assert len(running.engine.round_ids()) <= RETAIN
-    assert len(running._own) <= RETAIN
-    assert len(running._own_started) <= RETAIN
+    assert len(running.own._signed) <= RETAIN
+    assert len(running.own._begun) <= RETAIN
 
 
 async def test_round_older_than_everything_kept_is_refused(
@@ -165,9 +175,7 @@ async def test_a_pruned_round_opened_again_reuses_the_signed_observation(
         for i in range(RETAIN + 2):
             round_id = f"c{i}"
             assert await node.start_round(round_id, 24) == round_id
-            await node.ingest(
-                {"observations": [signed_observation("node_002", round_id).to_dict()]}
-            )
+            await node.ingest(observations_of(signed_observation("node_002", round_id)))
             view = node.engine.round(round_id)
             assert view is not None and view.status == "Complete"
             [signed[round_id]] = [o for o in view.observations if o.node_id == "node_001"]
@@ -215,13 +223,13 @@ async def test_status_answers_follow_the_round_and_are_encoded_once_per_change(
         def fresh(round_id: str) -> bytes:
             view = node.engine.round(round_id)
             assert view is not None
-            return json_response(200, round_view_json(view)).body
+            return json_response(200, round_json(view)).body
 
         await node.start_round("s0", 24)
         first = await answer("s0")
         assert first == fresh("s0") and await answer("s0") is first
         for peer in ("node_002", "node_003"):
-            await node.ingest({"observations": [signed_observation(peer, "s0").to_dict()]})
+            await node.ingest(observations_of(signed_observation(peer, "s0")))
             changed = await answer("s0")
             assert changed == fresh("s0") and changed != first
             first = changed
@@ -319,10 +327,10 @@ async def test_own_observation_leaves_only_once_its_signature_is_fsynced(
     """Sign-state before signature (CometBFT's rule): until the fsync covering our signed
     observation returns, it is in no broadcast, no answer, no status and no sync answer,
     and the round start is not answered."""
-    node = make_node(tmp_path, "node_002", store_type=GatedStore)
+    outbox = RecordingOutbox()
+    node = make_node(tmp_path, "node_002", store_type=GatedStore, outbox=outbox)
     store = node.store
     assert isinstance(store, GatedStore)
-    outbox = node.outbox = RecordingOutbox()
     node.restore()
     started: list[str | None] = []
     async with trio.open_nursery() as nursery:
@@ -339,8 +347,8 @@ async def test_own_observation_leaves_only_once_its_signature_is_fsynced(
         assert started == []
         assert [kind for kind, _ in outbox.sent if kind == "observations"] == []
         assert node.engine.observation_of("r1", "node_001") is None
-        assert node.status()["rounds"][0]["total_observations"] == 0
-        assert node.sync_answer({"summary": {}}).body["observations"] == []
+        assert status_json(node, list)["rounds"][0]["total_observations"] == 0
+        assert node.sync_answer(parse_sync_request({"summary": {}})).observations == ()
         store.gate.set()
         with trio.fail_after(5):
             while not started:  # noqa: ASYNC110 - the start's own completion
@@ -377,7 +385,7 @@ async def test_state_json_never_claims_more_than_the_database_holds(
             senders.start_soon(node.start_round, round_id, 24)
             for peer in ("node_002", "node_003"):
                 batch = {"observations": [signed_observation(peer, round_id).to_dict()]}
-                senders.start_soon(node.ingest, batch)
+                senders.start_soon(node.ingest, parse_batch(batch))
             with trio.fail_after(5):
                 while node.engine.status_of(round_id) != "Complete":  # noqa: ASYNC110 - engine state
                     await trio.sleep(0.01)
@@ -417,10 +425,12 @@ async def test_a_duplicate_is_answered_only_once_its_original_is_durable(
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         await nursery.start(node.run)
-        nursery.start_soon(node.ingest, {"observations": [obs]})  # from gossip, not durable yet
+        nursery.start_soon(
+            node.ingest, parse_batch({"observations": [obs]})
+        )  # from gossip, not durable yet
 
         async def submit() -> None:
-            answered.append(await node.submit({"observation": obs}))
+            answered.append(await node.submit(obs))
 
         with trio.fail_after(5):
             await store.syncing.wait()
@@ -431,6 +441,6 @@ async def test_a_duplicate_is_answered_only_once_its_original_is_durable(
         with trio.fail_after(5):
             while not answered:  # noqa: ASYNC110 - the submit's own completion
                 await trio.sleep(0.01)
-        assert answered[0].body["duplicate"] is True
+        assert answered == [SubmitOutcome.DUPLICATE]
         nursery.cancel_scope.cancel()
     store.close()

@@ -4,7 +4,7 @@ daemon; a queued batch goes as soon as the peer answers again."""
 from __future__ import annotations
 
 import random
-from typing import Any
+from collections.abc import Mapping
 
 import pytest
 import trio
@@ -12,34 +12,60 @@ import trio.testing
 
 from anna_trio.metrics import Metrics
 from anna_trio.models import PeerConfig
+from anna_trio.outbox import PeerQueue
 from anna_trio.peers import PeerLink
+from anna_trio.seams import PeerTransport, SystemClock
 from anna_trio.transport.client import PeerConnectionError, Response
+from anna_trio.wire import Batch, SyncRequest
 
 PEER = PeerConfig("node_002", "127.0.0.1", 8002, "00" * 32)
 
 
 class _FakeNode:
+    """The link's Inbox."""
+
     node_id = "node_001"
 
     def __init__(self) -> None:
-        self.ingested: list[Any] = []
+        self.ingested: list[Batch] = []
 
-    def sync_request(self) -> dict[str, Any]:
-        return {"from": self.node_id, "summary": {}, "evidence": []}
+    def sync_request(self) -> SyncRequest:
+        return SyncRequest(summary={}, known_evidence=frozenset(), sender=self.node_id)
 
-    async def ingest(self, payload: Any) -> None:
-        self.ingested.append(payload)
+    async def ingest(self, batch: Batch) -> None:
+        self.ingested.append(batch)
 
 
 class _CannedClient:
+    """A PeerTransport whose peer answers every request with the same body."""
+
     def __init__(self, body: bytes) -> None:
         self.body = body
 
-    async def request(self, method: str, path: str, **_: Any) -> Response:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
         return Response(status=200, headers={}, body=self.body)
 
     async def aclose(self) -> None:
         pass
+
+
+def link_to(peer: PeerTransport, node: _FakeNode, rng: random.Random | None = None) -> PeerLink:
+    return PeerLink(
+        PEER,
+        node,
+        PeerQueue(),
+        lambda _: peer,
+        Metrics("node_001"),
+        rng=rng or random.Random(0),
+        clock=SystemClock(),
+    )
 
 
 @pytest.mark.parametrize(
@@ -51,8 +77,8 @@ async def test_pull_with_junk_answer_fails_quietly(body: bytes) -> None:
     """An unparseable sync answer (even nested past the JSON parser's limit) is a failed
     pull: pull() returns False and nothing is ingested."""
     node = _FakeNode()
-    link = PeerLink(PEER, node, lambda peer: _CannedClient(body), Metrics("node_001"))  # type: ignore[arg-type, return-value]
-    assert await link.pull(_CannedClient(body)) is False  # type: ignore[arg-type]
+    link = link_to(_CannedClient(body), node)
+    assert await link.pull(_CannedClient(body)) is False
     assert node.ingested == []
 
 
@@ -60,9 +86,9 @@ async def test_pull_with_valid_answer_ingests() -> None:
     """The control case: a well-formed answer is ingested and the pull succeeds."""
     node = _FakeNode()
     client = _CannedClient(b'{"rounds": [], "observations": [], "evidence": []}')
-    link = PeerLink(PEER, node, lambda peer: client, Metrics("node_001"))  # type: ignore[arg-type, return-value]
-    assert await link.pull(client) is True  # type: ignore[arg-type]
-    assert node.ingested == [{"rounds": [], "observations": [], "evidence": []}]
+    link = link_to(client, node)
+    assert await link.pull(client) is True
+    assert node.ingested == [Batch()]
 
 
 async def test_gossip_answer_with_junk_is_logged_and_ingests_nothing(
@@ -71,12 +97,12 @@ async def test_gossip_answer_with_junk_is_logged_and_ingests_nothing(
     """A 200 gossip answer that is not JSON costs the carried observations (anti-entropy
     brings them) and says so in the log; one with observations hands them to the node."""
     node = _FakeNode()
-    link = PeerLink(PEER, node, lambda peer: _CannedClient(b""), Metrics("node_001"))  # type: ignore[arg-type, return-value]
+    link = link_to(_CannedClient(b""), node)
     await link._take_answer(Response(status=200, headers={}, body=b"junk"))
     assert node.ingested == []
     assert "node_002 answered gossip with invalid JSON" in caplog.text
     await link._take_answer(Response(status=200, headers={}, body=b'{"observations": [{"x": 1}]}'))
-    assert node.ingested == [{"observations": [{"x": 1}]}]
+    assert node.ingested == [Batch(observations=({"x": 1},))]
 
 
 class _Peer:
@@ -88,14 +114,22 @@ class _Peer:
         self.gossip: list[bytes] = []
         self.gossip_arrived = trio.Event()
 
-    async def request(self, method: str, path: str, **options: Any) -> Response:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
         if self.trouble == "unreachable":
             raise PeerConnectionError("unreachable")
         if path != "/rpc/gossip":
             return Response(status=200, headers={}, body=b'{"rounds":[],"observations":[]}')
         if self.trouble == "busy":
             return Response(status=503, headers={}, body=b'{"error":"overloaded"}')
-        self.gossip.append(options["body"])
+        assert body is not None
+        self.gossip.append(body)
         self.gossip_arrived.set()
         return Response(status=200, headers={}, body=b'{"success":true}')
 
@@ -113,16 +147,24 @@ async def seconds_until_delivered(trouble: str) -> float:
     its 10 s cap), make the peer well, have a pull get through: how long until the
     batch arrives."""
     peer = _Peer(trouble)
-    link = PeerLink(PEER, _FakeNode(), lambda _: peer, Metrics("node_001"))  # type: ignore[arg-type, return-value]
-    link._rng = _LongestJitter()
+    queue = PeerQueue()
+    link = PeerLink(
+        PEER,
+        _FakeNode(),
+        queue,
+        lambda _: peer,
+        Metrics("node_001"),
+        rng=_LongestJitter(),
+        clock=SystemClock(),
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(link.run)
-        link.enqueue("rounds", b'{"round_id":"r1","window_hours":24}')
+        queue.put("rounds", b'{"round_id":"r1","window_hours":24}')
         await trio.sleep(60)
         assert peer.gossip == []
         peer.trouble = None
         well = trio.current_time()
-        link.request_pull()
+        queue.request_pull()
         with trio.fail_after(20):
             await peer.gossip_arrived.wait()
         nursery.cancel_scope.cancel()

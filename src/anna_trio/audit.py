@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ import trio
 
 from . import durable, failpoints
 from ._exceptions import StateError
+from .seams import BlockingRunner
 
 GENESIS_HASH = "0" * 64
 RESERVED_FIELDS = frozenset({"audit_id", "timestamp", "node_id", "event", "prev_hash", "hash"})
@@ -93,8 +94,15 @@ class AuditIdAllocator:
     block at a time; without one (tests, tools on a scratch log) the sequence is in
     memory only."""
 
-    def __init__(self, floor: int = 0, reservation: IdReservation | None = None) -> None:
+    def __init__(
+        self,
+        floor: int = 0,
+        reservation: IdReservation | None = None,
+        *,
+        run_blocking: BlockingRunner = trio.to_thread.run_sync,
+    ) -> None:
         self._reservation = reservation
+        self._run_blocking = run_blocking
         if reservation is not None:
             floor = max(floor, reservation.read())  # ids up to it may have been seen
         self._last = floor
@@ -119,7 +127,7 @@ class AuditIdAllocator:
     async def next_async(self) -> int:
         """`next` for the event loop: a reservation's fsync runs on a worker thread."""
         while (taken := self._take()) is None:
-            await trio.to_thread.run_sync(self._extend)
+            await self._run_blocking(self._extend)
         return taken
 
     def _extend(self) -> None:
@@ -235,9 +243,17 @@ class AuditLog:
     """Append-only, hash-chained audit log of one node. Use `AuditLog.open`."""
 
     def __init__(
-        self, path: Path, fd: int, node_id: str, ids: AuditIdAllocator, last_id: int, last_hash: str
+        self,
+        path: Path,
+        fd: int,
+        node_id: str,
+        ids: AuditIdAllocator,
+        last_id: int,
+        last_hash: str,
+        now: Callable[[], str],
     ) -> None:
         self.path = path
+        self._now = now
         self.anchor_path = anchor_path(path)
         self._fd = fd
         self._node_id = node_id
@@ -247,7 +263,14 @@ class AuditLog:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path, node_id: str, ids: AuditIdAllocator) -> AuditLog:
+    def open(
+        cls,
+        path: Path,
+        node_id: str,
+        ids: AuditIdAllocator,
+        *,
+        now: Callable[[], str] = utc_now_rfc3339,
+    ) -> AuditLog:
         """Open (creating it and its parent dirs durably) and learn the last id and hash
         from the tail.
 
@@ -279,7 +302,7 @@ class AuditLog:
             os.close(fd)
             raise
         ids.raise_floor(last_id)
-        return cls(path, fd, node_id, ids, last_id, last_hash)
+        return cls(path, fd, node_id, ids, last_id, last_hash, now)
 
     @property
     def ids(self) -> AuditIdAllocator:
@@ -313,7 +336,7 @@ class AuditLog:
                 self._ids.raise_floor(audit_id)
             entry: dict[str, Any] = {
                 "audit_id": audit_id,
-                "timestamp": utc_now_rfc3339(),
+                "timestamp": self._now(),
                 "node_id": self._node_id,
                 "event": event,
                 **fields,

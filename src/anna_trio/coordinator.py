@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Protocol
 
 import trio
 
-from .node import Node
+from .seams import Clock
 
 log = logging.getLogger("anna.coordinator")
 
@@ -31,11 +31,20 @@ def interval_round_id(wall_time: float, interval: float) -> str:
     return "round_" + moment.strftime("%Y%m%dT%H%M%S.%fZ")
 
 
+class RoundStarter(Protocol):
+    async def start_round(self, round_id: str | None, window_hours: int) -> str | None: ...
+
+
 class RoundCoordinator:
-    def __init__(self, node: Node, interval: float, heartbeat: Callable[[], None]) -> None:
+    """Heartbeats for the watchdog, and with an interval, one round per interval."""
+
+    def __init__(
+        self, node: RoundStarter, interval: float, heartbeat: Callable[[], None], clock: Clock
+    ) -> None:
         self._node = node
         self._interval = interval
         self._heartbeat = heartbeat
+        self._clock = clock
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -51,8 +60,8 @@ class RoundCoordinator:
 
     async def _interval_rounds(self) -> None:
         while True:
-            now = time.time()
+            now = self._clock.wall()
             round_id = interval_round_id(now, self._interval)
             await self._node.start_round(round_id, DEFAULT_WINDOW_HOURS)
             next_start = (math.floor(now / self._interval) + 1) * self._interval
-            await trio.sleep(max(0.0, next_start - time.time()))
+            await trio.sleep(max(0.0, next_start - self._clock.wall()))

@@ -27,9 +27,12 @@ from .coordinator import RoundCoordinator
 from .metrics import Metrics
 from .models import ClusterConfig, format_utc
 from .node import Node
-from .observer import Observer
-from .peers import PeerSupervisor
+from .observer import ConfiguredObserver
+from .outbox import PeerOutbox
+from .peers import HttpTransports, PeerSupervisor
 from .rpc.server import MetricsServer, RpcServer
+from .rpc.views import health_json
+from .seams import SystemClock, system_random
 from .state.lock import StateDirLock
 from .state.migration import migrate_state, node_allocator
 from .state.statefile import StateFile
@@ -109,6 +112,10 @@ class Daemon:
         state_file = await trio.to_thread.run_sync(StateFile.load, s.state_dir)
         store = await trio.to_thread.run_sync(Store.on_file, s.state_dir / "node.db")
         try:
+            # The outbox is made here and given to both sides: what the node says before
+            # the peer links run (its restored observations) waits in it for them.
+            outbox = PeerOutbox(p.node_id for p in config.peers if p.node_id != s.node_id)
+            clock = SystemClock()
             node = Node(
                 node_id=s.node_id,
                 key=key,
@@ -118,29 +125,46 @@ class Daemon:
                 audit=audit,
                 ids=ids,
                 metrics=self.metrics,
-                observer=Observer(s.observer, s.node_id),
+                observer=ConfiguredObserver(s.observer, s.node_id),
+                outbox=outbox,
                 state_file=state_file,
+                clock=clock,
             )
             node.restore()
             await trio.to_thread.run_sync(
                 lambda: audit.append("daemon_start", {"version": __version__, "pid": os.getpid()})
             )
-            await self._serve(node, config, store, audit)
+            supervisor = PeerSupervisor(
+                node,
+                config,
+                outbox,
+                self.metrics,
+                HttpTransports(self.metrics, _client_tls),
+                rng=system_random(),
+                clock=clock,
+            )
+            await self._serve(node, supervisor, config, store, audit)
         finally:
             store.close()
 
     async def _serve(
-        self, node: Node, config: ClusterConfig, store: Store, audit: AuditLog
+        self,
+        node: Node,
+        supervisor: PeerSupervisor,
+        config: ClusterConfig,
+        store: Store,
+        audit: AuditLog,
     ) -> None:
         s = self.settings
         rpc_bind = s.rpc_listen or ("0.0.0.0", self._own_port(config))
         server_ssl = self._make_server_tls(config)
-        supervisor = PeerSupervisor(node, self.metrics, _client_tls)
-        rpc = RpcServer(node, self.metrics, reconcile=supervisor.pull_all)
+        rpc = RpcServer(
+            node, self.metrics, reconcile=supervisor.pull_all, peer_states=supervisor.peer_states
+        )
         rpc.set_limits(config.limits, await trio.to_thread.run_sync(_resolve_addresses, config))
         metrics_server = MetricsServer(
             self.metrics,
-            node.health,
+            lambda: health_json(node.node_id),
             lambda: self.ready,
             failpoints_http=os.environ.get("ANNA_FAILPOINTS_HTTP") == "1",
         )
@@ -166,7 +190,9 @@ class Daemon:
                         await http.start(metrics_http.serve, *s.metrics_listen)
                         await root.start(supervisor.run)
                         root.start_soon(
-                            RoundCoordinator(node, s.round_interval, self._heartbeat).run
+                            RoundCoordinator(
+                                node, s.round_interval, self._heartbeat, node.clock
+                            ).run
                         )
                         root.start_soon(systemd.watchdog_loop, self._healthy)
                         self._write_pid()

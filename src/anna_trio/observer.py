@@ -27,13 +27,16 @@ class Measurement:
     outcome_hash: str
 
 
-class Observer:
-    """Produces a Measurement for a round, or None when this node cannot contribute."""
+class ConfiguredObserver:
+    """The observer annad.yml configures: a Measurement for a round, or None when this
+    node cannot contribute to it."""
 
-    def __init__(self, config: ObserverConfig, node_id: str) -> None:
+    def __init__(
+        self, config: ObserverConfig, node_id: str, rng: random.Random | None = None
+    ) -> None:
         self._config = config
         self._node_id = node_id
-        self._random = random.Random()
+        self._random = rng or random.Random()
 
     async def measure(self, round_id: str, window_hours: int) -> Measurement | None:
         if self._config.kind == "file":

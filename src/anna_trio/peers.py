@@ -1,8 +1,10 @@
-"""Peer supervisor and per-peer tasks: bounded queues, batched gossip, backoff, anti-entropy.
+"""Peer supervisor and per-peer tasks: batched gossip, backoff, anti-entropy.
 
 One PeerLink per peer, each in its own cancel scope held by the supervisor, so a
-reload can cancel, add or restart one link without touching the others. A link
-that cannot reach its peer only ever delays itself: the node never waits on it.
+reload can cancel, add or restart one link without touching the others. A link drains
+its peer's queue in the outbox the daemon gave both it and the node, and talks through
+a PeerTransport; a link that cannot reach its peer only ever delays itself: the node
+never waits on it.
 """
 
 from __future__ import annotations
@@ -10,12 +12,10 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import random
 import ssl
-import time
-from collections import deque
-from collections.abc import Callable, Collection
-from typing import Any
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -23,8 +23,10 @@ import trio
 from ._exceptions import PeerError
 from .metrics import Metrics
 from .models import ClusterConfig, PeerConfig
-from .node import Node
+from .outbox import KINDS, Item, PeerOutbox, PeerQueue
+from .seams import Clock, PeerTransport, RandomSource
 from .transport.client import HttpClient, Response
+from .wire import Batch, MessageError, SyncRequest, parse_batch, sync_request_json
 
 log = logging.getLogger("anna.peers")
 
@@ -32,9 +34,7 @@ REQUEST_TIMEOUT = 2.0
 ANTI_ENTROPY_INTERVAL = 3.0
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 10.0
-MAX_QUEUE = 10_000
 MAX_BATCH_BYTES = 48 * 1024
-KINDS = ("rounds", "evidence", "observations")
 JSON_HEADERS = {"content-type": "application/json"}
 
 
@@ -45,7 +45,27 @@ class Unanswered(enum.Enum):
     UNREACHABLE = "error"  # connect, TLS or I/O failed: nobody there to answer
 
 
-def backoff_delay(attempt: int, rng: random.Random) -> float:
+class Inbox(Protocol):
+    """What a link hands the node: what its peer sent back (the node)."""
+
+    node_id: str
+
+    async def ingest(self, batch: Batch) -> object: ...
+
+    def sync_request(self) -> SyncRequest: ...
+
+
+class TransportFactory(Protocol):
+    """Makes each link's connections to its peer (`HttpTransports`, or fakes)."""
+
+    def configure(self, config: ClusterConfig) -> None:
+        """New TLS settings (start-up, a reload): used by transports made from now on."""
+        ...
+
+    def __call__(self, peer: PeerConfig) -> PeerTransport: ...
+
+
+def backoff_delay(attempt: int, rng: RandomSource) -> float:
     """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
     return rng.uniform(0.0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempt, 30)))
 
@@ -57,35 +77,31 @@ class PeerState:
     failures: int = 0
 
 
-ClientFactory = Callable[[PeerConfig], HttpClient]
-
-
 class PeerLink:
     """Everything this node says to one peer, and the anti-entropy pulls from it."""
 
     def __init__(
-        self, peer: PeerConfig, node: Node, make_client: ClientFactory, metrics: Metrics
+        self,
+        peer: PeerConfig,
+        inbox: Inbox,
+        queue: PeerQueue,
+        connect: Callable[[PeerConfig], PeerTransport],
+        metrics: Metrics,
+        *,
+        rng: RandomSource,
+        clock: Clock,
     ) -> None:
         self.peer = peer
-        self._node = node
-        self._make_client = make_client
+        self._inbox = inbox
+        self._queue = queue
+        self._connect = connect
         self._metrics = metrics
-        self._queue: deque[tuple[str, bytes]] = deque(maxlen=MAX_QUEUE)
-        self._wakeup = trio.Event()
-        self._pull_now = trio.Event()
         self._answered = trio.Event()  # set by every exchange the peer answers
         self.state = PeerState()
-        self._rng = random.Random()
+        self._rng = rng
+        self._clock = clock
         self._renew: set[str] = set()
-        self._clients: dict[str, HttpClient] = {}
-
-    def enqueue(self, kind: str, encoded: bytes) -> None:
-        """Never blocks: a full queue drops its oldest item (anti-entropy repairs it)."""
-        self._queue.append((kind, encoded))
-        self._wakeup.set()
-
-    def request_pull(self) -> None:
-        self._pull_now.set()
+        self._clients: dict[str, PeerTransport] = {}
 
     def renew_clients(self) -> None:
         """New TLS settings (a reload): each loop's next request opens a new connection
@@ -93,16 +109,16 @@ class PeerLink:
         would go on presenting the old, possibly revoked, certificate."""
         self._renew = {"push", "pull"}
 
-    async def _swap_if_renewed(self, role: str, client: HttpClient) -> HttpClient:
+    async def _swap_if_renewed(self, role: str, client: PeerTransport) -> PeerTransport:
         if role not in self._renew:
             return client
         self._renew.discard(role)
         await client.aclose()
-        self._clients[role] = fresh = self._make_client(self.peer)
+        self._clients[role] = fresh = self._connect(self.peer)
         return fresh
 
     async def run(self) -> None:
-        self._clients = {role: self._make_client(self.peer) for role in ("push", "pull")}
+        self._clients = {role: self._connect(self.peer) for role in ("push", "pull")}
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._push_loop, self._clients["push"])
@@ -112,19 +128,7 @@ class PeerLink:
                 for client in self._clients.values():
                     await client.aclose()
 
-    def _take_batch(self) -> list[tuple[str, bytes]]:
-        batch: list[tuple[str, bytes]] = []
-        size = 0
-        while self._queue:
-            kind, encoded = self._queue[0]
-            if size and size + len(encoded) + 1 > MAX_BATCH_BYTES:
-                break
-            self._queue.popleft()
-            batch.append((kind, encoded))
-            size += len(encoded) + 1
-        return batch
-
-    def _encode_batch(self, batch: list[tuple[str, bytes]]) -> bytes:
+    def _encode_batch(self, batch: list[Item]) -> bytes:
         """The /rpc/gossip body from items encoded once, when they were broadcast."""
         lists: dict[str, list[bytes]] = {kind: [] for kind in KINDS}
         for kind, encoded in batch:
@@ -133,21 +137,13 @@ class PeerLink:
             b',"' + kind.encode() + b'":[' + b",".join(items) + b"]"
             for kind, items in lists.items()
         )
-        return b'{"from":' + json.dumps(self._node.node_id).encode() + fields + b"}"
+        return b'{"from":' + json.dumps(self._inbox.node_id).encode() + fields + b"}"
 
-    def _requeue(self, batch: list[tuple[str, bytes]]) -> None:
-        for item in reversed(batch):
-            if len(self._queue) < MAX_QUEUE:
-                self._queue.appendleft(item)
-
-    async def _push_loop(self, client: HttpClient) -> None:
+    async def _push_loop(self, client: PeerTransport) -> None:
         attempt = 0
         while True:
-            if not self._queue:
-                await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                continue
-            batch = self._take_batch()
+            await self._queue.wait_queued()
+            batch = self._queue.take_batch(MAX_BATCH_BYTES)
             client = await self._swap_if_renewed("push", client)
             response = await self._call(client, "/rpc/gossip", self._encode_batch(batch))
             if (
@@ -155,7 +151,7 @@ class PeerLink:
                 or response.status >= 500
                 or response.status == 429
             ):
-                self._requeue(batch)
+                self._queue.put_back(batch)
                 await self._back_off(attempt, until_answered=response is Unanswered.UNREACHABLE)
                 attempt += 1
             else:
@@ -181,17 +177,18 @@ class PeerLink:
         """The peer's own observations for the rounds we sent it (the node relays them)."""
         try:
             answer = response.json()
-        except PeerError as exc:
+            carried = parse_batch(answer) if isinstance(answer, dict) else Batch()
+        except (PeerError, MessageError) as exc:
             log.warning(
                 "peer %s answered gossip with %s; its observations come by anti-entropy",
                 self.peer.node_id,
                 exc,
             )
             return
-        if isinstance(answer, dict) and answer.get("observations"):
-            await self._node.ingest({"observations": answer["observations"]})
+        if carried.observations:
+            await self._inbox.ingest(Batch(observations=carried.observations))
 
-    async def _pull_loop(self, client: HttpClient) -> None:
+    async def _pull_loop(self, client: PeerTransport) -> None:
         attempt = 0
         while True:
             client = await self._swap_if_renewed("pull", client)
@@ -199,28 +196,26 @@ class PeerLink:
             attempt = 0 if ok else attempt + 1
             delay = ANTI_ENTROPY_INTERVAL if ok else max(backoff_delay(attempt, self._rng), 0.05)
             with trio.move_on_after(delay):
-                await self._pull_now.wait()
-            self._pull_now = trio.Event()
+                await self._queue.wait_pull_request()
 
-    async def pull(self, client: HttpClient) -> bool:
+    async def pull(self, client: PeerTransport) -> bool:
         """One anti-entropy exchange: send our summary, ingest what we lacked."""
+        request = sync_request_json(self._inbox.sync_request())
         response = await self._call(
-            client,
-            "/rpc/sync",
-            json.dumps(self._node.sync_request(), separators=(",", ":")).encode(),
+            client, "/rpc/sync", json.dumps(request, separators=(",", ":")).encode()
         )
         if not isinstance(response, Response) or response.status != 200:
             return False
         try:
-            payload = response.json()
-        except PeerError:
+            answer = parse_batch(response.json())
+        except (PeerError, MessageError):
             return False
-        await self._node.ingest(payload)
+        await self._inbox.ingest(answer)
         return True
 
-    async def _call(self, client: HttpClient, path: str, body: bytes) -> Response | Unanswered:
+    async def _call(self, client: PeerTransport, path: str, body: bytes) -> Response | Unanswered:
         peer_id = self.peer.node_id
-        started = time.perf_counter()
+        started = trio.current_time()
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
                 response = await client.request("POST", path, body=body, headers=JSON_HEADERS)
@@ -233,7 +228,8 @@ class PeerLink:
             if self.state.failures in (1, 10) or self.state.failures % 100 == 0:
                 log.warning("peer %s unreachable (%s); retrying with backoff", peer_id, exc)
             return Unanswered.UNREACHABLE
-        self._metrics.peer_request_duration.labels(peer_id).observe(time.perf_counter() - started)
+        elapsed = trio.current_time() - started
+        self._metrics.peer_request_duration.labels(peer_id).observe(elapsed)
         if response.status >= 500:
             self._mark(False, "error")
         elif response.status >= 400:
@@ -251,7 +247,8 @@ class PeerLink:
             if not self.state.up and self.state.failures:
                 log.info("peer %s is back after %d failures", peer_id, self.state.failures)
             self.state.up, self.state.failures = True, 0
-            self.state.last_seen = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            moment = datetime.fromtimestamp(self._clock.wall(), UTC)
+            self.state.last_seen = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
         else:
             self.state.up = False
             self.state.failures += 1
@@ -264,20 +261,28 @@ class _RunningLink:
 
 
 class PeerSupervisor:
-    """Owns one PeerLink per peer; implements the node's Outbox."""
+    """Owns one PeerLink per peer of the validator set, each draining its outbox queue."""
 
     def __init__(
         self,
-        node: Node,
+        inbox: Inbox,
+        config: ClusterConfig,
+        outbox: PeerOutbox,
         metrics: Metrics,
-        client_tls: Callable[[ClusterConfig], ssl.SSLContext | None],
+        connect: TransportFactory,
+        *,
+        rng: RandomSource,
+        clock: Clock,
     ) -> None:
-        self._node = node
+        self._inbox = inbox
+        self._config = config
+        self._outbox = outbox
         self._metrics = metrics
-        self._client_tls = client_tls
+        self._connect = connect
+        self._rng = rng
+        self._clock = clock
         self._links: dict[str, _RunningLink] = {}
         self._nursery: trio.Nursery | None = None
-        self._ssl: ssl.SSLContext | None = None
 
     @property
     def links(self) -> dict[str, PeerLink]:
@@ -289,43 +294,42 @@ class PeerSupervisor:
             for peer_id, link in sorted(self.links.items())
         ]
 
-    def broadcast(self, kind: str, item: dict[str, Any], exclude: Collection[str] = ()) -> None:
-        encoded = json.dumps(item, separators=(",", ":")).encode()
-        for peer_id, running in self._links.items():
-            if peer_id not in exclude:
-                running.link.enqueue(kind, encoded)
-
-    def pull_soon(self) -> None:
-        for running in self._links.values():
-            running.link.request_pull()
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await self.apply(self._node.config)
-            self._node.outbox = self
-            self._node.peer_states = self.peer_states
+            await self.apply(self._config)
             task_status.started()
+            await trio.sleep_forever()  # the links' nursery stays open for a reload to fill
 
     async def apply(self, config: ClusterConfig, changed: set[str] | None = None) -> None:
         """Make the running links match `config`: cancel removed, start added, restart changed."""
         assert self._nursery is not None
-        self._ssl = self._client_tls(config)
-        wanted = {p.node_id: p for p in config.peers if p.node_id != self._node.node_id}
+        self._connect.configure(config)
+        wanted = {p.node_id: p for p in config.peers if p.node_id != self._inbox.node_id}
+        self._outbox.set_peers(wanted)
         for peer_id in list(self._links):
             if peer_id not in wanted or peer_id in (changed or set()):
                 self._links.pop(peer_id).scope.cancel()
                 if peer_id not in wanted:
                     self._metrics.forget_peer(peer_id)
-        if self._ssl is not None:
+        if config.tls.enabled:
             for running in self._links.values():
                 running.link.renew_clients()
         for peer_id, peer in wanted.items():
             if peer_id not in self._links:
-                link = PeerLink(peer, self._node, self._make_client, self._metrics)
+                link = PeerLink(
+                    peer,
+                    self._inbox,
+                    self._outbox.queue(peer_id),
+                    self._connect,
+                    self._metrics,
+                    rng=self._rng,
+                    clock=self._clock,
+                )
                 scope = await self._nursery.start(self._run_link, link)
                 self._links[peer_id] = _RunningLink(link, scope)
                 self._metrics.peer_up.labels(peer_id).set(0)
+        self._config = config
 
     @staticmethod
     async def _run_link(link: PeerLink, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
@@ -333,7 +337,43 @@ class PeerSupervisor:
             task_status.started(scope)
             await link.run()
 
-    def _make_client(self, peer: PeerConfig) -> HttpClient:
+    async def pull_all(self) -> int:
+        """Anti-entropy with every peer now (for /rpc/reconcile); returns peers reached."""
+        reached = 0
+
+        async def one(link: PeerLink) -> None:
+            nonlocal reached
+            client = self._connect(link.peer)
+            try:
+                if await link.pull(client):
+                    reached += 1
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+
+        async with trio.open_nursery() as nursery:
+            for running in list(self._links.values()):
+                nursery.start_soon(one, running.link)
+        return reached
+
+
+class HttpTransports:
+    """Peer connections over HTTP/1.1, with mTLS when the cluster has TLS on: the
+    server must present the peer's node id (and its pinned fingerprint, if any)."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        client_tls: Callable[[ClusterConfig], ssl.SSLContext | None],
+    ) -> None:
+        self._metrics = metrics
+        self._client_tls = client_tls
+        self._ssl: ssl.SSLContext | None = None
+
+    def configure(self, config: ClusterConfig) -> None:
+        self._ssl = self._client_tls(config)
+
+    def __call__(self, peer: PeerConfig) -> HttpClient:
         from . import tls
 
         context = self._ssl
@@ -355,22 +395,3 @@ class PeerSupervisor:
             verify_peer=verify if context else None,
             on_tls_failure=count_failure,
         )
-
-    async def pull_all(self) -> int:
-        """Anti-entropy with every peer now (for /rpc/reconcile); returns peers reached."""
-        reached = 0
-
-        async def one(link: PeerLink) -> None:
-            nonlocal reached
-            client = self._make_client(link.peer)
-            try:
-                if await link.pull(client):
-                    reached += 1
-            finally:
-                with trio.CancelScope(shield=True):
-                    await client.aclose()
-
-        async with trio.open_nursery() as nursery:
-            for running in list(self._links.values()):
-                nursery.start_soon(one, running.link)
-        return reached

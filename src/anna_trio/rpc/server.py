@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 import trio
 
 from .. import failpoints
@@ -21,9 +22,22 @@ from .._exceptions import ConfigError
 from ..consensus.engine import RoundView
 from ..metrics import Metrics
 from ..models import ROUND_ID_RE, Limits, is_round_id, is_window_hours
-from ..node import Node, Reply, error_reply, round_view_json
+from ..node import Node, Rejected, SubmitOutcome
+from ..store import Statement, Store
 from ..transport.server import Request, Response, error_response, json_response
+from ..wire import MessageError, parse_batch, parse_sync_request, sync_answer_json
 from .ratelimit import TokenBuckets, retry_after_header
+from .views import (
+    PeerStates,
+    Reply,
+    error_reply,
+    health_json,
+    ingest_reply,
+    rejection_reply,
+    round_json,
+    status_json,
+    submit_reply,
+)
 
 log = logging.getLogger("anna.rpc")
 
@@ -67,10 +81,12 @@ class RpcServer:
         metrics: Metrics,
         *,
         reconcile: Callable[[], Awaitable[int]],
+        peer_states: PeerStates = list,
     ) -> None:
         self.node = node
         self.metrics = metrics
         self._reconcile = reconcile
+        self._peer_states = peer_states
         self.limits = Limits()
         self.exempt_addresses: frozenset[str] = frozenset()
         self._buckets = TokenBuckets(self.limits.rate_per_client, self.limits.burst)
@@ -128,14 +144,25 @@ class RpcServer:
             self._in_flight.release()
 
     async def _health(self, request: Request) -> Response:
-        return _reply(Reply(200, self.node.health()))
+        return _reply(Reply(200, health_json(self.node.node_id)))
 
     async def _submit(self, request: Request) -> Response:
         async def work(name: str | None) -> Reply:
             payload = _decode_json(request)
             if isinstance(payload, Reply):
                 return payload
-            return await self.node.submit(payload, name)
+            if not isinstance(payload, dict) or set(payload) != {"observation"}:
+                self.metrics.observations_received.labels("invalid").inc()
+                return error_reply(422, "invalid_request", 'body must be {"observation": {...}}')
+
+            def kept(outcome: SubmitOutcome) -> list[Statement]:
+                reply = submit_reply(outcome)
+                return [] if name is None else [Store.idempotency_stmt(name, *attrs.astuple(reply))]
+
+            try:
+                return submit_reply(await self.node.submit(payload["observation"], keep_with=kept))
+            except Rejected as rejected:
+                return rejection_reply(rejected.kind, str(rejected))
 
         return await self._guarded(lambda: self._answer_once("submit", request, work))
 
@@ -144,10 +171,7 @@ class RpcServer:
             payload = _decode_json(request) if request.body else {}
             if isinstance(payload, Reply):
                 return payload
-            reply = await self._start(payload)
-            if name is not None and reply.status < 500:
-                await self.node.remember_answer(name, reply)
-            return reply
+            return await self._start(payload, name)
 
         return await self._guarded(lambda: self._answer_once("round_start", request, work))
 
@@ -167,9 +191,9 @@ class RpcServer:
         name = f"{route}:{key}"
         while (running := self._keys_in_flight.get(name)) is not None:
             await running.wait()
-        stored = self.node.remembered_answer(name)
+        stored = self.node.remembered(name)
         if stored is not None:
-            return stored
+            return Reply(*stored)
         self._keys_in_flight[name] = done = trio.Event()
         try:
             return await work(name)
@@ -177,7 +201,7 @@ class RpcServer:
             del self._keys_in_flight[name]
             done.set()
 
-    async def _start(self, payload: Any) -> Reply:
+    async def _start(self, payload: Any, name: str | None) -> Reply:
         if payload is None:
             payload = {}
         if not isinstance(payload, dict) or set(payload) - {"round_id", "window_hours"}:
@@ -190,17 +214,23 @@ class RpcServer:
             )
         if not is_window_hours(window):
             return error_reply(422, "invalid_window", "window_hours must be an integer 1..8760")
-        started = await self.node.start_round(round_id, window)
+
+        def kept(started: str | None) -> list[Statement]:
+            if name is None or started is None:
+                return []
+            return [Store.idempotency_stmt(name, *attrs.astuple(_started_reply(started)))]
+
+        started = await self.node.start_round(round_id, window, keep_with=kept)
         if started is None:
             return error_reply(
                 409, "round_too_old", f"round {round_id!r} sorts before every round this node keeps"
             )
-        return Reply(202, {"success": True, "round_id": started})
+        return _started_reply(started)
 
     async def _status(self, request: Request) -> Response:
         round_ids = request.query.get("round_id")
         if round_ids is None:
-            return _reply(Reply(200, self.node.status()))
+            return _reply(Reply(200, status_json(self.node, self._peer_states)))
         if len(round_ids) != 1:
             return error_response(400, "bad_request", "give round_id once")
         view = self.node.engine.round(round_ids[0])
@@ -215,7 +245,7 @@ class RpcServer:
         cached = self._round_answers.get(view.round_id)
         if cached is not None and cached[0] == view:
             return cached[1]
-        answer = json_response(200, round_view_json(view))
+        answer = json_response(200, round_json(view))
         self._round_answers[view.round_id] = (view, answer)
         self._round_answers.move_to_end(view.round_id)
         while len(self._round_answers) > ROUND_ANSWER_CACHE:
@@ -243,16 +273,36 @@ class RpcServer:
     async def _gossip(self, request: Request) -> Response:
         async def work() -> Reply:
             payload = _decode_json(request)
-            return payload if isinstance(payload, Reply) else await self.node.gossip(payload)
+            if isinstance(payload, Reply):
+                return payload
+            try:
+                batch = parse_batch(payload)
+            except MessageError as exc:
+                return error_reply(exc.status, exc.code, str(exc))
+            counts, own = await self.node.gossip(batch)
+            reply = ingest_reply(counts)
+            if own:
+                reply.body["observations"] = [obs.to_dict() for obs in own]
+            return reply
 
         return await self._guarded(work)
 
     async def _sync(self, request: Request) -> Response:
         async def work() -> Reply:
             payload = _decode_json(request)
-            return payload if isinstance(payload, Reply) else self.node.sync_answer(payload)
+            if isinstance(payload, Reply):
+                return payload
+            try:
+                sync_request = parse_sync_request(payload)
+            except MessageError as exc:
+                return error_reply(exc.status, exc.code, str(exc))
+            return Reply(200, sync_answer_json(self.node.sync_answer(sync_request)))
 
         return await self._guarded(work)
+
+
+def _started_reply(round_id: str) -> Reply:
+    return Reply(202, {"success": True, "round_id": round_id})
 
 
 class MetricsServer:

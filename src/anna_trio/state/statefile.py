@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from .._exceptions import StateError
 from ..audit import utc_now_rfc3339
 from ..durable import atomic_write_bytes
@@ -61,3 +63,31 @@ class StateFile:
             validate_v2(updated)
             atomic_write_bytes(self.path, encode_state(updated))
             self._data = updated
+
+
+@attrs.frozen
+class StateSnapshot:
+    """What the node's state.json says about its rounds and network, taken at one moment."""
+
+    validator_count: int
+    rounds_completed: int
+    last_round_id: str | None
+    last_round_at: str | None
+    byzantine_nodes: list[str]
+    peer_count: int
+    last_peer_reload: str | None
+    tls_enabled: bool
+
+    def update_into(self, state: dict[str, Any]) -> None:
+        consensus = state.setdefault("consensus", {})
+        consensus.update(
+            validator_count=self.validator_count,
+            rounds_completed=self.rounds_completed,
+            byzantine_nodes=self.byzantine_nodes,
+        )
+        if self.last_round_id is not None:
+            consensus.update(last_round_id=self.last_round_id, last_round_at=self.last_round_at)
+        network = state.setdefault("network", {})
+        network.update(peer_count=self.peer_count, tls_enabled=self.tls_enabled)
+        if self.last_peer_reload is not None:
+            network["last_peer_reload"] = self.last_peer_reload
