@@ -23,6 +23,7 @@ from anna_trio.consensus import (
     RoundResult,
     consensus_result,
 )
+from anna_trio.consensus.events import RoundPruned
 from anna_trio.crypto import observation_digest
 from anna_trio.models import Evidence, Observation
 from strategies import NODE_IDS, bias_flag_sets, signed_observation
@@ -267,3 +268,44 @@ def test_pruning_bounds_memory(retain: int, numbers: list[int]) -> None:
     kept = engine.round_ids()
     assert kept == sorted(kept)
     assert kept[-1] == f"round_{max(numbers):02d}"
+
+
+@st.composite
+def retention_steps(draw: st.DrawFn) -> list[tuple[str, str, float]]:
+    """(what, round id, time): rounds opened bare (as a start or a push names them),
+    rounds observed by a validator, and clock ticks that close Pending rounds."""
+    round_ids = st.sampled_from([f"r{n:02d}" for n in range(30)] + ["zzzz_0", "zzzz_1", "a0"])
+    step = st.tuples(st.sampled_from(["open", "observe", "tick"]), round_ids)
+    return [
+        (what, round_id, float(i))
+        for i, (what, round_id) in enumerate(draw(st.lists(step, max_size=80)))
+    ]
+
+
+@given(steps=retention_steps(), capacity=st.integers(min_value=1, max_value=6))
+@settings(max_examples=150, deadline=None)
+def test_rounds_nobody_joined_never_push_out_rounds_validators_joined(
+    steps: list[tuple[str, str, float]], capacity: int
+) -> None:
+    """Retention (README): a finished round holding no observation goes before any round
+    holding one; a Pending round is never dropped."""
+    engine = Engine(
+        EngineConfig(frozenset(NODE_IDS[:3]), quorum=2, round_timeout=3.0, retain_rounds=capacity)
+    )
+    for what, round_id, now in steps:
+        before = {view.round_id: view for view in engine.rounds()}
+        if what == "open":
+            events = engine.open_round(round_id, 24, now)
+        elif what == "observe":
+            events = engine.add_observation(signed_observation(NODE_IDS[0], round_id), now)
+        else:
+            events = engine.expire(now)
+        pruned = [e.round_id for e in events if isinstance(e, RoundPruned)]
+        for gone in pruned:
+            view = before.get(gone)
+            if view is None:
+                continue  # opened and dropped in this very step
+            assert view.status != "Pending"
+            if view.observations:
+                bare = [v for v in engine.rounds() if not v.observations and v.status != "Pending"]
+                assert bare == [], (gone, [v.round_id for v in bare])

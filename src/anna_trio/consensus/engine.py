@@ -190,6 +190,7 @@ class Engine:
         self._pinned_deviation: dict[str, str] = {}  # node -> earliest pruned window end
         self._pruned_any = False
         self._records: dict[str, ByzantineRecord] = {}
+        self._empty: set[str] = set()  # retained rounds holding no observation
 
     # --- configuration and rounds ---------------------------------------------------
 
@@ -213,7 +214,8 @@ class Engine:
         self, round_id: str, window_hours: int, now: float, events: list[Event]
     ) -> _Round | None:
         config = self._config
-        if len(self._rounds) >= config.retain_rounds and self._ids and round_id < self._ids[0]:
+        full = len(self._rounds) >= config.retain_rounds
+        if full and self._ids and round_id < self._ids[0] and not self._unjoined_finished():
             events.append(RoundTooOld(round_id))
             return None
         deadline = now + config.round_timeout
@@ -228,6 +230,7 @@ class Engine:
             deadline=deadline,
         )
         self._rounds[round_id] = record
+        self._empty.add(round_id)
         bisect.insort(self._ids, round_id)
         heapq.heappush(self._deadlines, (deadline, round_id))
         events.append(RoundOpened(round_id, window_hours))
@@ -236,19 +239,28 @@ class Engine:
         self._settle(now, events, base={round_id}, final={round_id})
         return record
 
+    def _unjoined_finished(self) -> list[str]:
+        """Finished rounds holding no observation at all — named by a start or a push
+        that no validator ever joined — oldest id first: the first to go."""
+        return sorted(r for r in self._empty if self._rounds[r].status != PENDING)
+
     def _prune(self, events: list[Event]) -> None:
+        """Over `retain_rounds`: drop finished rounds nobody joined (they are never
+        Complete, so no deviation window needs them), then other finished rounds, oldest
+        id first; a Pending round is never dropped. So rounds nobody joined never push
+        out rounds validators have observations in."""
         excess = len(self._rounds) - self._config.retain_rounds
-        index = 0
-        while excess > 0 and index < len(self._ids):
-            round_id = self._ids[index]
-            if self._rounds[round_id].status == PENDING:
-                index += 1
-                continue
-            del self._ids[index]
+        if excess <= 0:
+            return
+        finished = [r for r in self._ids if self._rounds[r].status != PENDING]
+        for round_id in list(dict.fromkeys([*self._unjoined_finished(), *finished]))[:excess]:
+            self._ids.remove(round_id)
             del self._rounds[round_id]
-            self._forget_window_end(round_id)
-            self._pruned_any = True
-            excess -= 1
+            if round_id in self._empty:
+                self._empty.discard(round_id)
+            else:
+                self._forget_window_end(round_id)
+                self._pruned_any = True
             events.append(RoundPruned(round_id))
 
     def _forget_window_end(self, round_id: str) -> None:
@@ -298,6 +310,7 @@ class Engine:
         state.seen.add(digest)
         existing = state.held.get(obs.node_id)
         if existing is None:
+            self._empty.discard(state.round_id)
             state.held[obs.node_id] = obs
             state.digests[obs.node_id] = digest
             events.append(Accepted(obs))
@@ -341,6 +354,7 @@ class Engine:
             low_digest = min(first_digest, second_digest)
             held_digest = state.digests.get(node_id)
             if held_digest is None or low_digest < held_digest:
+                self._empty.discard(state.round_id)
                 state.held[node_id] = evidence.first
                 state.digests[node_id] = low_digest
         if not learned:
