@@ -144,7 +144,7 @@ class Target:
     rpc: HttpClient
     metrics_client: HttpClient
     bases: list[dict[str, Any]] = attrs.Factory(list)
-    round_answers: dict[str, tuple[int, Any]] = attrs.Factory(dict)
+    round_answers: dict[str, tuple[bytes, tuple[int, Any]]] = attrs.Factory(dict)
 
     @classmethod
     def open(cls, cluster: LiveCluster) -> Target:
@@ -979,7 +979,8 @@ def round_start_bodies() -> st.SearchStrategy[bytes]:
 
 def fuzz_round_start(target: Target, examples: int) -> None:
     """Valid starts answer 202 with their round id, the rest 4xx; a key that got a 202
-    gets it again, a key that got a refusal can be retried with a fixed body."""
+    gets it again for the same body (422 for another), a key that got a refusal can be
+    retried with a fixed body."""
     keys = st.none() | st.sampled_from(["", "start-a", "start-b", "é".encode().decode("latin-1")])
 
     @fuzz_settings(examples)
@@ -999,7 +1000,11 @@ def fuzz_round_start(target: Target, examples: int) -> None:
             assert (response.status, answer["error"]) == (400, "bad_idempotency_key"), answer
             return
         if key is not None and key in target.round_answers:
-            assert (response.status, answer) == target.round_answers[key]
+            first_body, first_answer = target.round_answers[key]
+            if body == first_body:
+                assert (response.status, answer) == first_answer
+            else:
+                assert (response.status, answer["error"]) == (422, "idempotency_key_reused")
             return
         assert response.status in expected_start(body), (body[:200], response.status, answer)
         if response.status == 202:
@@ -1007,7 +1012,7 @@ def fuzz_round_start(target: Target, examples: int) -> None:
             assert answer["round_id"] == (requested or answer["round_id"]), answer
             assert ROUND_ID_RE.fullmatch(answer["round_id"]), answer
         if key is not None and response.status == 202:  # refusals are not kept: retry away
-            target.round_answers[key] = (response.status, answer)
+            target.round_answers[key] = (body, (response.status, answer))
 
     one()
 

@@ -23,7 +23,7 @@ from anna_trio.observer import ConfiguredObserver
 from anna_trio.outbox import PeerOutbox
 from anna_trio.rpc.server import ROUND_ANSWER_CACHE, RpcServer
 from anna_trio.rpc.views import round_json, status_json
-from anna_trio.seams import Outbox
+from anna_trio.seams import Clock, Outbox
 from anna_trio.state.migration import migrate_state
 from anna_trio.state.statefile import StateFile
 from anna_trio.transport.server import Request, json_response
@@ -49,6 +49,7 @@ def make_node(
     store_type: type[InlineStore] = InlineStore,
     state_file: StateFile | None = None,
     outbox: Outbox | None = None,
+    clock: Clock | None = None,
 ) -> Node:
     """node_001 with its own key; `others` are validators with the test keys of strategies."""
     key = crypto.load_or_create_key(directory / "keys")
@@ -77,6 +78,7 @@ def make_node(
         state_file=state_file,
         retain_rounds=RETAIN,
         run_blocking=run_inline,
+        clock=clock,
     )
 
 

@@ -57,7 +57,15 @@ _PEERS_TOP_KEYS = (
 _PEER_KEYS = ("node_id", "address", "port", "pubkey", "fingerprint")
 _TLS_FILES = ("ca_cert", "server_cert", "server_key", "client_cert", "client_key")
 _TLS_KEYS = ("enabled", *_TLS_FILES, "crl")
-_LIMIT_KEYS = ("rate_per_client", "burst", "max_body_bytes", "request_timeout")
+_LIMIT_KEYS = (
+    "rate_per_client",
+    "burst",
+    "max_body_bytes",
+    "request_timeout",
+    "idempotency_ttl",
+    "idempotency_keys",
+    "pending_rounds",
+)
 _OBSERVER_KEYS = {"synthetic": ("kind", "tis", "jitter"), "file": ("kind", "path")}
 _ANNAD_KEYS = (
     "node_id",
@@ -550,6 +558,14 @@ def _parse_limits(top: _Section) -> Limits:
             check=lambda value: value > 0,
             expected="a finite number of seconds > 0",
         ),
+        idempotency_ttl=section.number(
+            "idempotency_ttl",
+            defaults.idempotency_ttl,
+            check=lambda value: value > 0,
+            expected="a finite number of seconds > 0",
+        ),
+        idempotency_keys=section.integer("idempotency_keys", defaults.idempotency_keys, 1, 10**9),
+        pending_rounds=section.integer("pending_rounds", defaults.pending_rounds, 1, 10**6),
     )
 
 

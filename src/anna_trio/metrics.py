@@ -96,6 +96,11 @@ class Metrics:
         for result in OBSERVATION_RESULTS:
             self.observations_received.labels(result)
         self.rate_limited = Counter("anna_rate_limited", "Requests refused with 429", registry=reg)
+        self.rounds_refused = Counter(
+            "anna_rounds_refused",
+            "Round starts answered 503: this node could not finish more rounds in time",
+            registry=reg,
+        )
         self.config_last_reload_successful = Gauge(
             "anna_config_last_reload_successful",
             "1 when the last peers.yml reload succeeded",

@@ -249,6 +249,9 @@ class Limits:
     burst: int = 200
     max_body_bytes: int = 64 * 1024
     request_timeout: float = 5.0
+    idempotency_ttl: float = 86400.0  # seconds an Idempotency-Key's answer is kept
+    idempotency_keys: int = 100_000  # answers kept at most (the oldest go first)
+    pending_rounds: int = 64  # rounds short of quorum before new starts get 503
 
 
 @attrs.frozen

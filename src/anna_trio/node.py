@@ -40,6 +40,7 @@ from .policy import (
     RelayHolds,
     Timers,
     direct_fan_out,
+    round_admission,
     stuck_check_delay,
 )
 from .seams import BlockingRunner, Clock, Observer, Outbox, SystemClock
@@ -382,6 +383,16 @@ class Node:
             self._outbox.broadcast("observations", obs.to_dict())
         return round_id
 
+    def admission(self, limit: int) -> float | None:
+        """None when this node can take a new round now; else the seconds to Retry-After
+        (`limit`: rounds short of a quorum it may hold, `limits.pending_rounds`)."""
+        return round_admission(
+            *self.engine.short_of_quorum(),
+            trio.current_time(),
+            round_timeout=self._round_timeout,
+            limit=limit,
+        )
+
     def _fresh_round_id(self) -> str:
         moment = datetime.fromtimestamp(self.clock.wall(), UTC)
         candidate = "round_" + moment.strftime("%Y%m%dT%H%M%S.%fZ")
@@ -488,11 +499,6 @@ class Node:
         while len(self._completed_tis) > AVERAGE_WINDOW:
             self._completed_tis.popitem(last=False)
         self.metrics.average_tis.set(sum(self._completed_tis.values()) / len(self._completed_tis))
-
-    # --- idempotency --------------------------------------------------------------------
-
-    def remembered(self, name: str) -> tuple[int, dict[str, Any]] | None:
-        return self.store.idempotent_answer(name)
 
     # --- state.json upkeep ------------------------------------------------------------------
 

@@ -91,3 +91,28 @@ class RelayHolds:
 
     def release(self, round_id: str) -> list[Observation]:
         return self._held.pop(round_id, [])
+
+
+ADMISSION_AGE_FRACTION = 0.25
+ADMISSION_RETRY_AFTER = 1.0
+
+
+def round_admission(
+    short_of_quorum: int,
+    oldest_learned: float | None,
+    now: float,
+    *,
+    round_timeout: float,
+    limit: int,
+) -> float | None:
+    """None to start a new round; else the seconds a client should wait (Retry-After).
+
+    A node that holds `limit` rounds still short of a quorum, or one short of it for a
+    quarter of the round timeout, cannot finish more work in time: a round it started
+    now would likely end Failed. Rounds that hold a quorum do not count: with a peer
+    down they wait out their deadline for it, but they will end Complete."""
+    if short_of_quorum >= limit:
+        return ADMISSION_RETRY_AFTER
+    if oldest_learned is not None and now - oldest_learned > ADMISSION_AGE_FRACTION * round_timeout:
+        return ADMISSION_RETRY_AFTER
+    return None

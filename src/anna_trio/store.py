@@ -66,6 +66,32 @@ CREATE TABLE IF NOT EXISTS idempotency (
     body TEXT NOT NULL
 );
 """
+# Added since the first release: create_schema adds them to an older database.
+IDEMPOTENCY_COLUMNS = {
+    "fingerprint": "fingerprint TEXT NOT NULL DEFAULT ''",
+    "created_at": "created_at REAL NOT NULL DEFAULT 0",
+}
+
+
+def create_schema(db: sqlite3.Connection) -> None:
+    """The tables (and the columns later versions added) on a new or older database."""
+    db.executescript(SCHEMA)
+    have = {row[1] for row in db.execute("PRAGMA table_info(idempotency)")}
+    for name, column in IDEMPOTENCY_COLUMNS.items():
+        if name not in have:
+            db.execute(f"ALTER TABLE idempotency ADD COLUMN {column}")
+    db.execute("CREATE INDEX IF NOT EXISTS idempotency_age ON idempotency (created_at)")
+
+
+@attrs.frozen
+class StoredAnswer:
+    """An Idempotency-Key's answer: what a repeat gets, if its body is the same."""
+
+    status: int
+    body: dict[str, Any]
+    fingerprint: str
+    created_at: float
+
 
 Statement = tuple[str, tuple[Any, ...]]
 
@@ -124,7 +150,7 @@ class FileDisk:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints: see `checkpoint`
-        self._db.executescript(SCHEMA)
+        create_schema(self._db)
         # The WAL file outlives every checkpoint (TRUNCATE empties it in place) while a
         # connection is open, so this descriptor stays the WAL's for the disk's life.
         self._wal_fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
@@ -229,11 +255,30 @@ class Store:
         return ("INSERT OR IGNORE INTO own VALUES (?, ?)", (obs.round_id, _obs_json(obs)))
 
     @staticmethod
-    def idempotency_stmt(key: str, status: int, body: dict[str, Any]) -> Statement:
+    def idempotency_stmt(key: str, answer: StoredAnswer) -> Statement:
         return (
-            "INSERT OR IGNORE INTO idempotency VALUES (?, ?, ?)",
-            (key, status, json.dumps(body, separators=(",", ":"))),
+            "INSERT OR IGNORE INTO idempotency (key, status, body, fingerprint, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                key,
+                answer.status,
+                json.dumps(answer.body, separators=(",", ":")),
+                answer.fingerprint,
+                answer.created_at,
+            ),
         )
+
+    @staticmethod
+    def idempotency_expiry_stmts(stored_before: float, keep_at_most: int) -> list[Statement]:
+        """Forget keys stored before `stored_before`, then all but the newest `keep_at_most`."""
+        return [
+            ("DELETE FROM idempotency WHERE created_at < ?", (stored_before,)),
+            (
+                "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency "
+                "ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
+                (keep_at_most,),
+            ),
+        ]
 
     # --- writing ------------------------------------------------------------------
 
@@ -383,11 +428,17 @@ class Store:
         ).fetchall()
         return int(row[0]), [parse_observation(json.loads(b)) for (b,) in bodies]
 
-    def idempotent_answer(self, key: str) -> tuple[int, dict[str, Any]] | None:
+    def idempotent_answer(self, key: str) -> StoredAnswer | None:
         row = self._db.execute(
-            "SELECT status, body FROM idempotency WHERE key = ?", (key,)
+            "SELECT status, body, fingerprint, created_at FROM idempotency WHERE key = ?", (key,)
         ).fetchone()
-        return (int(row[0]), json.loads(row[1])) if row else None
+        if row is None:
+            return None
+        return StoredAnswer(int(row[0]), json.loads(row[1]), str(row[2]), float(row[3]))
+
+    def idempotency_keys(self) -> int:
+        (count,) = self._db.execute("SELECT COUNT(*) FROM idempotency").fetchone()
+        return int(count)
 
     def close(self) -> None:
         self.disk.close()

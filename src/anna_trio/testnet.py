@@ -27,7 +27,7 @@ import trio
 from . import crypto, tls
 from .models import ClusterConfig
 from .sim import signed_observation
-from .transport.client import HttpClient
+from .transport.client import HttpClient, Response
 
 RPC_BASE = 8000
 METRICS_BASE = 9000
@@ -378,9 +378,13 @@ class Cluster:
             await client.aclose()
 
     async def rpc(self, n: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        with trio.fail_after(10):
-            response = await self._rpc[n].request(method, path, json_body=body)
+        response = await self.exchange(n, method, path, body)
         return response.status, response.json()
+
+    async def exchange(self, n: int, method: str, path: str, body: Any = None) -> Response:
+        """One RPC request to node n, its whole answer (headers too)."""
+        with trio.fail_after(10):
+            return await self._rpc[n].request(method, path, json_body=body)
 
     async def plain(
         self, n: int, method: str, path: str, body: bytes | None = None

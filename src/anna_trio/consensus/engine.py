@@ -191,6 +191,9 @@ class Engine:
         self._pruned_any = False
         self._records: dict[str, ByzantineRecord] = {}
         self._empty: set[str] = set()  # retained rounds holding no observation
+        # Pending rounds not yet holding a quorum of counted observations -> learned_at,
+        # oldest first: the work a node has not finished (admission control reads it).
+        self._short: dict[str, float] = {}
 
     # --- configuration and rounds ---------------------------------------------------
 
@@ -231,6 +234,7 @@ class Engine:
         )
         self._rounds[round_id] = record
         self._empty.add(round_id)
+        self._short[round_id] = now
         bisect.insort(self._ids, round_id)
         heapq.heappush(self._deadlines, (deadline, round_id))
         events.append(RoundOpened(round_id, window_hours))
@@ -579,6 +583,8 @@ class Engine:
         state.result = result
         if state.closed:
             state.status = COMPLETE if len(counted) >= state.quorum else FAILED
+        if state.closed or len(counted) >= state.quorum:
+            self._short.pop(round_id, None)
         if state.status == COMPLETE and previous_status != COMPLETE:
             first_time = not state.ever_completed
             if first_time:
@@ -591,6 +597,11 @@ class Engine:
         return newly_closed
 
     # --- queries --------------------------------------------------------------------
+
+    def short_of_quorum(self) -> tuple[int, float | None]:
+        """How many Pending rounds do not hold a quorum yet, and when the oldest of them
+        was learned. (A round that holds one ends Complete at its deadline at the latest.)"""
+        return len(self._short), next(iter(self._short.values()), None)
 
     def round(self, round_id: str) -> RoundView | None:
         state = self._rounds.get(round_id)

@@ -14,7 +14,6 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import attrs
 import trio
 
 from .. import failpoints
@@ -23,9 +22,10 @@ from ..consensus.engine import RoundView
 from ..metrics import Metrics
 from ..models import ROUND_ID_RE, Limits, is_round_id, is_window_hours
 from ..node import Node, Rejected, SubmitOutcome
-from ..store import Statement, Store
+from ..store import Statement
 from ..transport.server import Request, Response, error_response, json_response
 from ..wire import MessageError, parse_batch, parse_sync_request, sync_answer_json
+from .idempotency import IdempotencyKeys, Keep
 from .ratelimit import TokenBuckets, retry_after_header
 from .views import (
     PeerStates,
@@ -48,7 +48,7 @@ Route = Callable[[Request], Awaitable[Response]]
 
 
 def _reply(reply: Reply) -> Response:
-    return json_response(reply.status, reply.body)
+    return json_response(reply.status, reply.body, reply.headers)
 
 
 def _dispatch(routes: dict[str, dict[str, Route]], request: Request) -> Route | Response:
@@ -91,7 +91,7 @@ class RpcServer:
         self.exempt_addresses: frozenset[str] = frozenset()
         self._buckets = TokenBuckets(self.limits.rate_per_client, self.limits.burst)
         self._in_flight = trio.CapacityLimiter(MAX_IN_FLIGHT)
-        self._keys_in_flight: dict[str, trio.Event] = {}
+        self._keys = IdempotencyKeys(node.store, node.clock, self.limits)
         self._round_answers: OrderedDict[str, tuple[RoundView, Response]] = OrderedDict()
         self._routes: dict[str, dict[str, Route]] = {
             "/health": {"GET": self._health},
@@ -104,7 +104,7 @@ class RpcServer:
         }
 
     def set_limits(self, limits: Limits, exempt_addresses: frozenset[str]) -> None:
-        self.limits = limits
+        self.limits = self._keys.limits = limits
         self.exempt_addresses = exempt_addresses
         if (limits.rate_per_client, limits.burst) != (self._buckets.rate, self._buckets.burst):
             self._buckets = TokenBuckets(limits.rate_per_client, limits.burst)
@@ -147,7 +147,7 @@ class RpcServer:
         return _reply(Reply(200, health_json(self.node.node_id)))
 
     async def _submit(self, request: Request) -> Response:
-        async def work(name: str | None) -> Reply:
+        async def work(keep: Keep | None) -> Reply:
             payload = _decode_json(request)
             if isinstance(payload, Reply):
                 return payload
@@ -156,52 +156,25 @@ class RpcServer:
                 return error_reply(422, "invalid_request", 'body must be {"observation": {...}}')
 
             def kept(outcome: SubmitOutcome) -> list[Statement]:
-                reply = submit_reply(outcome)
-                return [] if name is None else [Store.idempotency_stmt(name, *attrs.astuple(reply))]
+                return [] if keep is None else keep(submit_reply(outcome))
 
             try:
                 return submit_reply(await self.node.submit(payload["observation"], keep_with=kept))
             except Rejected as rejected:
                 return rejection_reply(rejected.kind, str(rejected))
 
-        return await self._guarded(lambda: self._answer_once("submit", request, work))
+        return await self._guarded(lambda: self._keys.answer_once("submit", request, work))
 
     async def _round_start(self, request: Request) -> Response:
-        async def work(name: str | None) -> Reply:
+        async def work(keep: Keep | None) -> Reply:
             payload = _decode_json(request) if request.body else {}
             if isinstance(payload, Reply):
                 return payload
-            return await self._start(payload, name)
+            return await self._start(payload, keep)
 
-        return await self._guarded(lambda: self._answer_once("round_start", request, work))
+        return await self._guarded(lambda: self._keys.answer_once("round_start", request, work))
 
-    async def _answer_once(
-        self, route: str, request: Request, work: Callable[[str | None], Awaitable[Reply]]
-    ) -> Reply:
-        """Idempotency-Key (SPEC §7): a repeated key gets the first answer, which `work`
-        stores (under the name it is given) with its effects, so it survives kill -9. A
-        repeat that arrives while the first is still being answered waits for it rather
-        than doing the work twice (two round starts without a round_id would open two
-        rounds). Keys are per route."""
-        key = request.headers.get("idempotency-key")
-        if key is None:
-            return await work(None)
-        if not 1 <= len(key) <= 255:
-            return error_reply(400, "bad_idempotency_key", "Idempotency-Key must be 1-255 chars")
-        name = f"{route}:{key}"
-        while (running := self._keys_in_flight.get(name)) is not None:
-            await running.wait()
-        stored = self.node.remembered(name)
-        if stored is not None:
-            return Reply(*stored)
-        self._keys_in_flight[name] = done = trio.Event()
-        try:
-            return await work(name)
-        finally:
-            del self._keys_in_flight[name]
-            done.set()
-
-    async def _start(self, payload: Any, name: str | None) -> Reply:
+    async def _start(self, payload: Any, keep: Keep | None) -> Reply:
         if payload is None:
             payload = {}
         if not isinstance(payload, dict) or set(payload) - {"round_id", "window_hours"}:
@@ -215,10 +188,19 @@ class RpcServer:
         if not is_window_hours(window):
             return error_reply(422, "invalid_window", "window_hours must be an integer 1..8760")
 
+        if round_id is None or self.node.engine.status_of(round_id) is None:
+            wait = self.node.admission(self.limits.pending_rounds)
+            if wait is not None:
+                self.metrics.rounds_refused.inc()
+                return error_reply(
+                    503,
+                    "overloaded",
+                    "this node cannot finish more rounds in time; retry later",
+                    (("retry-after", retry_after_header(wait)),),
+                )
+
         def kept(started: str | None) -> list[Statement]:
-            if name is None or started is None:
-                return []
-            return [Store.idempotency_stmt(name, *attrs.astuple(_started_reply(started)))]
+            return [] if keep is None or started is None else keep(_started_reply(started))
 
         started = await self.node.start_round(round_id, window, keep_with=kept)
         if started is None:

@@ -26,10 +26,13 @@ class Reply:
 
     status: int
     body: dict[str, Any]
+    headers: tuple[tuple[str, str], ...] = ()
 
 
-def error_reply(status: int, code: str, message: str) -> Reply:
-    return Reply(status, {"success": False, "error": code, "message": message})
+def error_reply(
+    status: int, code: str, message: str, headers: tuple[tuple[str, str], ...] = ()
+) -> Reply:
+    return Reply(status, {"success": False, "error": code, "message": message}, headers)
 
 
 REJECTION_STATUS = {
