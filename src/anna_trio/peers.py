@@ -306,6 +306,7 @@ class PeerSupervisor:
             self._node.outbox = self
             self._node.peer_states = self.peer_states
             task_status.started()
+            await trio.sleep_forever()  # open for reloads, even with no peer (one validator)
 
     async def apply(self, config: ClusterConfig, changed: set[str] | None = None) -> None:
         """Make the running links match `config`: cancel removed, start added, restart changed."""
