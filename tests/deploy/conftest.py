@@ -14,9 +14,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nspawn import Machine, MachineError, machine_space, rootfs
+from runbook import ShellBlock, section_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -59,3 +62,47 @@ def sh(
     if check and done.returncode != 0:
         pytest.fail(f"`{command}` exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """docs/operations.md §1 on the build machine: the package and its dependencies as wheels
+    (the checkout is `./anna-trio` there); its folder is what a node gets with `conf/`."""
+    require_tools()
+    build_machine = tmp_path_factory.mktemp("build-machine")
+    (build_machine / "anna-trio").symlink_to(ROOT)
+    (build_block, _node_block) = section_blocks(ROOT / "docs" / "operations.md", "1. Install")
+    sh(build_block.script, cwd=build_machine)
+    yield build_machine / "wheelhouse"
+
+
+@pytest.fixture(scope="session")
+def machine_rootfs() -> Iterator[Path]:
+    """The Debian root filesystem every machine boots (cached; built on first use), and
+    the tmpfs their writes go to."""
+    require_tools("mmdebstrap", "systemd-nspawn", "nsenter", "ip", "mount")
+    base = rootfs(CACHE)
+    with machine_space():
+        yield base
+
+
+def follow(
+    machine: Machine, block: ShellBlock, *, cwd: str, env: dict[str, str] | None = None
+) -> None:
+    """Run a runbook block inside a machine command by command, as an operator types it;
+    the first failing command fails the test, named with its block."""
+    for command in block.commands:
+        try:
+            machine.run(command, cwd=cwd, env=env)
+        except MachineError as exc:
+            pytest.fail(f"{block}: {exc}")
+
+
+def install_anna(machine: Machine, wheelhouse: Path) -> None:
+    """docs/operations.md §1 on a node: wheelhouse/ and conf/ copied to /root/anna-install,
+    then the node block there, command by command."""
+    folder = machine.path("/root/anna-install")
+    shutil.copytree(wheelhouse, folder / "wheelhouse")
+    shutil.copytree(ROOT / "conf", folder / "conf")
+    (_build_block, node_block) = section_blocks(ROOT / "docs" / "operations.md", "1. Install")
+    follow(machine, node_block, cwd="/root/anna-install")
