@@ -108,11 +108,17 @@ class HostNetwork:
         for table in TABLES:
             chains, rules = self.tables[table]
             later_chains, later_rules = later.tables[table]
-            # A table iptables had not loaded yet reads as ACCEPT policies and nothing else.
             for chain in sorted(set(chains) | set(later_chains)):
-                before, after = chains.get(chain, "ACCEPT"), later_chains.get(chain, "ACCEPT")
-                if before != after:
-                    found.append(f"{table} chain {chain}: {before} -> {after}")
+                before, after = chains.get(chain), later_chains.get(chain)
+                if "-" in (before, after):  # a user-defined chain
+                    if (before is None) != (after is None):
+                        found.append(
+                            f"{table}: {'new' if before is None else 'lost'} chain {chain}"
+                        )
+                elif (before or "ACCEPT") != (after or "ACCEPT"):  # unloaded table: ACCEPT
+                    found.append(
+                        f"{table} {chain} policy {before or 'ACCEPT'} -> {after or 'ACCEPT'}"
+                    )
             found += [f"{table}: new rule {rule}" for rule in later_rules if rule not in rules]
             found += [f"{table}: lost rule {rule}" for rule in rules if rule not in later_rules]
         found += [f"new link {link}" for link in sorted(later.links - self.links)]

@@ -126,7 +126,8 @@ def wait_complete(
         ):
             return seen
         if time.monotonic() > deadline:
-            pytest.fail(f"{round_id} not Complete with {sorted(participants)}: {seen}")
+            summary = {n: (v["status"], v["participating_nodes"]) for n, v in seen.items()}
+            pytest.fail(f"{round_id} not Complete with {sorted(participants)}: {summary}")
         time.sleep(0.5)
 
 

@@ -192,10 +192,13 @@ def test_reload_applies_a_changed_peers_file(machine: Machine) -> None:
 
 
 def test_watchdog_restarts_a_daemon_that_stopped_answering(machine: Machine, drop_in: Any) -> None:
-    """SIGSTOP: no more WATCHDOG=1, so systemd kills the daemon and starts a new one."""
+    """A healthy daemon pings (WATCHDOG=1) and is left alone; SIGSTOPped, it stops pinging,
+    and systemd kills it and starts a new one."""
     drop_in("WatchdogSec=2", "RestartSec=1")
     machine.run("systemctl restart annad")
     before = show(machine, "MainPID", "NRestarts")
+    time.sleep(3)  # past WatchdogSec: a daemon that did not ping would be restarted by now
+    assert show(machine, "MainPID", "NRestarts") == before
     machine.run(f"kill -STOP {before['MainPID']}")
 
     def restarted() -> bool:
