@@ -6,7 +6,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["lint", "tests", "chaos", "powerloss"]
+nox.options.sessions = ["lint", "tests", "chaos", "powerloss", "deploy"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -28,6 +28,7 @@ def tests(session: nox.Session) -> None:
         "pytest",
         "--ignore=tests/chaos",
         "--ignore=tests/powerloss",
+        "--ignore=tests/deploy",
         *args,
         env={"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")},
     )
@@ -59,6 +60,21 @@ def powerloss(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     args = session.posargs or ["-q", "-p", "no:cacheprovider", "-rs"]
     session.run("pytest", "tests/powerloss", *args)
+
+
+@nox.session(python="3.11")
+def deploy(session: nox.Session) -> None:
+    """The deployment forms run for real (root, docker.io, docker-compose, mmdebstrap,
+    systemd-container): the README's no-registry compose commands on a dockerd of its own,
+    and annad under systemd in systemd-nspawn machines — one, then a 3-machine mTLS cluster
+    — installed by following docs/operations.md. After chaos: dockerd changes the host's
+    firewall (the suite restores it). Fails in CI (CI=true) when something is missing;
+    skips elsewhere, saying why. The base image stays in dockerd's image store, the
+    machines' root filesystem in $ANNA_DEPLOY_CACHE (default /var/cache/anna-trio).
+    """
+    session.install("-e", ".[test]")
+    args = session.posargs or ["tests/deploy", "-q", "-p", "no:cacheprovider", "-rs"]
+    session.run("pytest", *args)
 
 
 @nox.session(python="3.11")

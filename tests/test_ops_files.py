@@ -1,4 +1,6 @@
-"""Operations files: the systemd unit, Prometheus config and alerts, Grafana, compose.
+"""Operations files: the systemd unit, Prometheus config and alerts, Grafana, examples.
+
+docker-compose.yml and the Dockerfile are checked in tests/deploy (with docker-compose).
 
 These checks run the operators' own tools (systemd-analyze, promtool). CI installs
 them (.ci/run), so a missing tool is a failure here, never a skip.
@@ -7,12 +9,9 @@ them (.ci/run), so a missing tool is a failure here, never a skip.
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import subprocess
-import sys
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -212,143 +211,6 @@ def test_grafana_expressions_are_valid_promql(tmp_path: Path) -> None:
     path.write_text(json.dumps(rules))  # JSON is YAML
     result = run(tool("promtool"), "check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-# --- compose and Dockerfile ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def compose() -> Any:
-    return load_yaml(ROOT / "docker-compose.yml")
-
-
-def test_compose_defines_init_and_three_nodes(compose: Any) -> None:
-    """Services are init and anna-node-1..3, all built from the repository's image."""
-    services = compose["services"]
-    assert set(services) == {"init", *(f"anna-node-{n}" for n in TESTNET_NODES)}
-    assert {service["image"] for service in services.values()} == {"anna-trio:local"}
-    assert all(service["build"] == "." for service in services.values())
-
-
-def test_compose_init_writes_the_testnet_for_containers(compose: Any) -> None:
-    """init runs `annactl testnet init --dir /testnet --compose` into ./artifacts/testnet."""
-    init = compose["services"]["init"]
-    assert "annactl testnet init --dir /testnet --compose" in " ".join(init["command"])
-    assert init["volumes"] == ["./artifacts/testnet:/testnet"]
-
-
-@pytest.mark.parametrize("n", TESTNET_NODES)
-def test_compose_node_agrees_with_local_testnet(compose: Any, n: int) -> None:
-    """Node N: hostname, ports 800N and 900N→9090, its own state and TLS, env, init first."""
-    node = compose["services"][f"anna-node-{n}"]
-    assert node["hostname"] == f"anna-node-{n}"
-    assert node["ports"] == [f"800{n}:800{n}", f"900{n}:9090"]
-    assert node["environment"] == {
-        "ANNA_NODE_ID": f"node_00{n}",
-        "ANNA_PEERS": f"/testnet/node{n}/peers.yml",
-        "ANNA_STATE_DIR": "/var/lib/anna",
-        "ANNA_AUDIT_LOG": "/var/lib/anna/audit.jsonl",
-        "ANNA_RPC_LISTEN": f"0.0.0.0:800{n}",
-        "ANNA_METRICS_LISTEN": "0.0.0.0:9090",
-        "ANNA_PID_FILE": "/var/lib/anna/annad.pid",
-        "ANNA_FAILPOINTS_HTTP": "1",
-    }
-    volumes = node["volumes"]
-    assert f"./artifacts/testnet/node{n}:/var/lib/anna" in volumes
-    assert f"./artifacts/testnet/node{n}/peers.yml:/testnet/node{n}/peers.yml:ro" in volumes
-    assert f"./artifacts/testnet/node{n}/tls:/testnet/node{n}/tls:ro" in volumes
-    for volume in volumes:
-        source = volume.split(":")[0]
-        assert source.startswith(("./artifacts/testnet/ca/", f"./artifacts/testnet/node{n}"))
-        assert not source.endswith("ca.key"), "the CA key never enters a node container"
-        if volume.split(":")[1] != "/var/lib/anna":
-            assert volume.endswith(":ro")
-    assert node["depends_on"] == {"init": {"condition": "service_completed_successfully"}}
-
-
-@pytest.mark.parametrize("n", TESTNET_NODES)
-def test_compose_healthcheck_asks_ready(compose: Any, n: int) -> None:
-    """The healthcheck fetches /ready on the metrics port with Python, not curl."""
-    test = compose["services"][f"anna-node-{n}"]["healthcheck"]["test"]
-    assert test[:3] == ["CMD", "python", "-c"]
-    assert "http://127.0.0.1:9090/ready" in test[3]
-    compile(test[3], "healthcheck", "exec")
-
-
-def run_init_service(compose: Any, testnet: Path) -> subprocess.CompletedProcess[str]:
-    """The init service's script on this machine, with ./artifacts/testnet at `testnet`."""
-    script = compose["services"]["init"]["command"][0]
-    script = script.replace("/testnet", str(testnet)).replace("chown -R anna:anna", "true")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(
-        ["sh", "-c", script], capture_output=True, text=True, env=env, timeout=60, check=False
-    )
-
-
-def host_path(container_path: PurePosixPath, volumes: list[str], artifacts: Path) -> Path:
-    """Where a path inside a node container lives on the host, through its bind mounts."""
-    container_path = PurePosixPath(os.path.normpath(container_path))
-    best: tuple[PurePosixPath, str] | None = None
-    for volume in volumes:
-        source, target = volume.split(":")[:2]
-        mount = PurePosixPath(target)
-        if container_path.is_relative_to(mount) and (best is None or mount.is_relative_to(best[0])):
-            best = (mount, source)
-    assert best is not None, f"{container_path} is not mounted"
-    mount, source = best
-    source_path = artifacts / Path(source).relative_to("artifacts/testnet")
-    return source_path / container_path.relative_to(mount)
-
-
-def test_compose_init_output_resolves_inside_every_node(compose: Any, tmp_path: Path) -> None:
-    """After init, every file a node's peers.yml and state dir name exists through its mounts."""
-    artifacts = tmp_path / "artifacts" / "testnet"
-    artifacts.mkdir(parents=True)
-    result = run_init_service(compose, artifacts)
-    assert result.returncode == 0, result.stderr
-    for n in TESTNET_NODES:
-        node = compose["services"][f"anna-node-{n}"]
-        peers_path = PurePosixPath(node["environment"]["ANNA_PEERS"])
-        peers = load_yaml(host_path(peers_path, node["volumes"], artifacts))
-        assert [(p["node_id"], p["address"], p["port"]) for p in peers["peers"]] == [
-            (f"node_00{m}", f"anna-node-{m}", 8000 + m) for m in TESTNET_NODES
-        ]
-        assert peers["tls"].pop("enabled") is True
-        for name, value in peers["tls"].items():
-            file = host_path(peers_path.parent / value, node["volumes"], artifacts)
-            assert file.is_file(), f"node {n} tls.{name}: {value}"
-        key = PurePosixPath(node["environment"]["ANNA_STATE_DIR"]) / "keys" / "node_id.sec"
-        assert host_path(key, node["volumes"], artifacts).is_file()
-
-
-def test_compose_init_is_idempotent_and_refuses_a_local_testnet(
-    compose: Any, tmp_path: Path
-) -> None:
-    """A second `up` keeps the compose testnet; a local (127.0.0.1) one is refused."""
-    compose_dir, local_dir = tmp_path / "compose", tmp_path / "local"
-    assert run_init_service(compose, compose_dir).returncode == 0
-    before = (compose_dir / "node1" / "keys" / "node_id.pub").read_text()
-    assert run_init_service(compose, compose_dir).returncode == 0
-    assert (compose_dir / "node1" / "keys" / "node_id.pub").read_text() == before
-    annactl = Path(sys.executable).parent / "annactl"
-    subprocess.run([annactl, "testnet", "init", "--dir", str(local_dir)], check=True, timeout=60)
-    refused = run_init_service(compose, local_dir)
-    assert refused.returncode != 0
-    assert "local testnet" in refused.stderr
-
-
-def test_dockerfile_runs_annad_as_anna() -> None:
-    """python:3.11-slim, installs the package, non-root user, both ports, annad entrypoint."""
-    lines = [
-        line.strip()
-        for line in (ROOT / "Dockerfile").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    assert lines[0] == "FROM python:3.11-slim"
-    assert any(re.search(r"\bpip install \.", line) for line in lines)
-    assert "USER anna" in lines
-    assert "EXPOSE 8001 9090" in lines
-    assert lines[-1] == 'ENTRYPOINT ["annad"]'
 
 
 # --- example configuration -------------------------------------------------------------

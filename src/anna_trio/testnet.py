@@ -567,7 +567,10 @@ SCENARIOS: list[tuple[str, Callable[[Cluster, str], Awaitable[str]]]] = [
 
 
 async def run_scenarios(layout: Layout) -> list[ScenarioResult]:
-    """Run the three scenarios against a running testnet and collect artifacts."""
+    """Run the three scenarios against a running testnet and collect artifacts, once every
+    node answers /ready: run_rounds.sh may follow `docker-compose up -d` while the nodes
+    still start (RuntimeError after READY_TIMEOUT)."""
+    await wait_ready(layout)
     directory = layout.directory
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     cluster = Cluster(layout)

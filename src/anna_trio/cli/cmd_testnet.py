@@ -75,7 +75,11 @@ def _scenarios(args: argparse.Namespace) -> int:
 
     from ..testnet import Layout, run_scenarios, summary_table
 
-    results = trio.run(run_scenarios, Layout.load(Path(args.dir)))
+    try:
+        results = trio.run(run_scenarios, Layout.load(Path(args.dir)))
+    except RuntimeError as exc:
+        print(f"annactl: {exc}", file=sys.stderr)
+        return 1
     print(summary_table(results))
     print(f"artifacts in {args.dir}")
     return 0 if all(r.passed for r in results) else 1
