@@ -75,7 +75,8 @@ class AuditIdAllocator:
 
 @attrs.frozen
 class AuditVerification:
-    """What `verify_audit_log` found; `first_bad_line` is 1-based."""
+    """What `verify_audit_log` found; `first_bad_line` is 1-based. `verified_bytes` and
+    `last_hash` say where a good chain ended, so a later check can resume there."""
 
     ok: bool
     entries: int
@@ -83,6 +84,8 @@ class AuditVerification:
     reason: str
     first_audit_id: int | None = None
     last_audit_id: int | None = None
+    verified_bytes: int = 0
+    last_hash: str = GENESIS_HASH
 
 
 @attrs.frozen
@@ -235,28 +238,33 @@ def _tail_entry(path: Path, line: bytes) -> tuple[int, str]:
     return audit_id, digest
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def _lines(path: Path, offset: int) -> Iterator[bytes]:
     with path.open("rb") as file:
-        yield from enumerate(file, start=1)
+        file.seek(offset)
+        yield from file
 
 
 _REQUIRED = ("audit_id", "timestamp", "node_id", "event", "prev_hash", "hash")
 
 
-def verify_audit_log(path: Path) -> AuditVerification:
+def verify_audit_log(path: Path, *, resume: AuditVerification | None = None) -> AuditVerification:
     """Check the whole chain and that audit_id strictly increases, streaming the file.
 
-    Raises OSError when the file cannot be read.
+    `resume`, an earlier good verification of this same file, checks only what was
+    appended since (the operator console re-checks a growing log this way); the caller
+    knows the file was only appended to. Raises OSError when the file cannot be read.
     """
-    prev_hash = GENESIS_HASH
-    prev_id: int | None = None
-    first_id: int | None = None
-    entries = 0
+    start = resume if resume is not None and resume.ok else AuditVerification(True, 0, None, "")
+    prev_hash = start.last_hash
+    prev_id = start.last_audit_id
+    first_id = start.first_audit_id
+    entries = start.entries
+    offset = start.verified_bytes
 
     def bad(line_no: int, reason: str) -> AuditVerification:
         return AuditVerification(False, entries, line_no, reason, first_id, prev_id)
 
-    for line_no, raw in _lines(path):
+    for line_no, raw in enumerate(_lines(path, offset), start=entries + 1):
         if not raw.endswith(b"\n"):
             return bad(line_no, "incomplete last line (torn write; annad removes it at start)")
         try:
@@ -282,4 +290,7 @@ def verify_audit_log(path: Path) -> AuditVerification:
         prev_id = audit_id
         first_id = audit_id if first_id is None else first_id
         entries += 1
-    return AuditVerification(True, entries, None, "chain verified", first_id, prev_id)
+        offset += len(raw)
+    return AuditVerification(
+        True, entries, None, "chain verified", first_id, prev_id, offset, prev_hash
+    )
