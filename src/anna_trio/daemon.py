@@ -23,6 +23,8 @@ from . import __version__, crypto, failpoints, systemd
 from ._exceptions import ConfigError
 from .audit import AuditIdAllocator, AuditLog
 from .config import Settings, diff_peers, load_cluster_config, self_port_change
+from .console import ConsoleServer, make_app
+from .console.node_source import NodeConsoleSource
 from .coordinator import RoundCoordinator
 from .metrics import Metrics
 from .models import ClusterConfig, format_utc
@@ -30,7 +32,7 @@ from .node import Node
 from .observer import Observer
 from .peers import PeerSupervisor
 from .rpc.http import HttpServer
-from .rpc.server import MetricsServer, RpcServer
+from .rpc.server import RpcServer
 from .state.lock import StateDirLock
 from .state.migration import audit_floor_from_state, migrate_state
 from .state.statefile import StateFile
@@ -124,12 +126,20 @@ class Daemon:
             await trio.to_thread.run_sync(
                 lambda: audit.append("daemon_start", {"version": __version__, "pid": os.getpid()})
             )
-            await self._serve(node, config, store, audit)
+            console = NodeConsoleSource(
+                node, state_file=state_file, migration=outcome, audit_log=s.audit_log
+            )
+            await self._serve(node, config, store, audit, console)
         finally:
             store.close()
 
     async def _serve(
-        self, node: Node, config: ClusterConfig, store: Store, audit: AuditLog
+        self,
+        node: Node,
+        config: ClusterConfig,
+        store: Store,
+        audit: AuditLog,
+        console: NodeConsoleSource,
     ) -> None:
         s = self.settings
         rpc_bind = s.rpc_listen or ("0.0.0.0", self._own_port(config))
@@ -137,21 +147,12 @@ class Daemon:
         supervisor = PeerSupervisor(node, self.metrics, _client_tls)
         rpc = RpcServer(node, self.metrics, reconcile=supervisor.pull_all)
         rpc.set_limits(config.limits, await trio.to_thread.run_sync(_resolve_addresses, config))
-        metrics_server = MetricsServer(
-            self.metrics,
-            node.health,
-            lambda: self.ready,
-            failpoints_http=os.environ.get("ANNA_FAILPOINTS_HTTP") == "1",
-        )
+        metrics_http = self._metrics_listener(node, console)
         rpc_http = HttpServer(
             rpc.handle,
             ssl_context=server_ssl,
             max_body_bytes=rpc.max_body_bytes,
             count_error=lambda kind: self.metrics.http_errors.labels("rpc", kind).inc(),
-        )
-        metrics_http = HttpServer(
-            metrics_server.handle,
-            count_error=lambda kind: self.metrics.http_errors.labels("metrics", kind).inc(),
         )
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as root:
@@ -186,7 +187,7 @@ class Daemon:
                     systemd.notify("STOPPING=1")
                     self.ready = False
                     await rpc_http.shutdown()
-                    await metrics_http.shutdown()
+                    metrics_http.shutdown()
                     http.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
                 root.cancel_scope.cancel()
         with trio.CancelScope(shield=True):
@@ -195,6 +196,24 @@ class Daemon:
                 lambda: audit.append("daemon_stop", {"reason": "signal"}, durable=True)
             )
         self.settings.pid_file.unlink(missing_ok=True)
+
+    def _metrics_listener(self, node: Node, console: NodeConsoleSource) -> ConsoleServer:
+        """/metrics, probes, failpoints and the console: quart-trio on hypercorn."""
+        app = make_app(
+            console,
+            self.metrics,
+            health=node.health,
+            is_ready=lambda: self.ready,
+            failpoints_http=os.environ.get("ANNA_FAILPOINTS_HTTP") == "1",
+            console=self.settings.console,
+            count_error=lambda kind: self.metrics.http_errors.labels("metrics", kind).inc(),
+        )
+        return ConsoleServer(
+            app,
+            graceful_timeout=SHUTDOWN_GRACE,
+            dropped=lambda reason: self.metrics.listener_dropped.labels("metrics", reason).inc(),
+            opened=lambda count: self.metrics.listener_connections.labels("metrics").set(count),
+        )
 
     def _heartbeat(self) -> None:
         self._last_heartbeat = time.monotonic()
