@@ -19,7 +19,7 @@ import pytest
 import trio
 from quart_trio import QuartTrio
 
-from anna_trio.console import ConnectionLimits, ConsoleServer, make_app, server
+from anna_trio.console import CappedRelay, ConnectionLimits, ConsoleServer, make_app, server
 from anna_trio.metrics import Metrics
 from anna_trio.rpc.client import HttpClient
 from console_fakes import FakeSource
@@ -81,12 +81,8 @@ class Running:
 @asynccontextmanager
 async def serving(tmp_path: Path, *, grace: float = 2.0, **limits: Any) -> AsyncIterator[Running]:
     dropped: list[str] = []
-    console = ConsoleServer(
-        console_app(tmp_path),
-        graceful_timeout=grace,
-        limits=ConnectionLimits(**limits),
-        dropped=dropped.append,
-    )
+    front = CappedRelay(ConnectionLimits(**limits), dropped=dropped.append)
+    console = ConsoleServer(console_app(tmp_path), front, graceful_timeout=grace)
     finished = trio.Event()
 
     async def serve(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
@@ -165,7 +161,7 @@ async def test_requests_that_crashed_the_old_listener_are_refused(
     """Issue 16's crashing targets and friends: a 4xx or a closed connection, never a
     500, and the listener answers the next request."""
     async with serving(tmp_path) as running:
-        answer = await raw(running, request_line + b"\r\nHost: x\r\n\r\n")
+        answer = await raw(running, request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert b" 500 " not in answer.split(b"\r\n", 1)[0], answer[:200]
         if answer.startswith(b"HTTP/1.1 "):
             assert answer[9:10] == b"4", answer[:200]

@@ -23,7 +23,7 @@ from . import __version__, crypto, failpoints, systemd
 from ._exceptions import ConfigError
 from .audit import AuditIdAllocator, AuditLog
 from .config import Settings, diff_peers, load_cluster_config, self_port_change
-from .console import ConsoleServer, make_app
+from .console import CappedRelay, ConnectionLimits, ConsoleServer, make_app
 from .console.node_source import NodeConsoleSource
 from .coordinator import RoundCoordinator
 from .metrics import Metrics
@@ -208,12 +208,12 @@ class Daemon:
             console=self.settings.console,
             count_error=lambda kind: self.metrics.http_errors.labels("metrics", kind).inc(),
         )
-        return ConsoleServer(
-            app,
-            graceful_timeout=SHUTDOWN_GRACE,
+        front = CappedRelay(
+            ConnectionLimits(),
             dropped=lambda reason: self.metrics.listener_dropped.labels("metrics", reason).inc(),
             opened=lambda count: self.metrics.listener_connections.labels("metrics").set(count),
         )
+        return ConsoleServer(app, front, graceful_timeout=SHUTDOWN_GRACE)
 
     def _heartbeat(self) -> None:
         self._last_heartbeat = time.monotonic()

@@ -6,6 +6,7 @@ daemon's adapter is `node_source.NodeConsoleSource`), `ConsoleServer` serves it.
 """
 
 from .app import make_app as make_app
+from .listener import CappedRelay as CappedRelay
 from .listener import ConnectionLimits as ConnectionLimits
 from .server import ConsoleServer as ConsoleServer
 from .source import ConsoleSource as ConsoleSource

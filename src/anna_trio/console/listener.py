@@ -48,18 +48,18 @@ class ConnectionLimits:
 
 
 class CappedRelay:
-    """Accepts on the public address within `limits` and relays each connection to the
-    Unix socket `backend`. `dropped(reason)` is told of every connection it ends."""
+    """Accepts on the public address within `limits` and relays each connection to a
+    Unix socket. `dropped(reason)` is told of every connection it refuses or ends for a
+    limit, `opened(count)` of the number open whenever it changes."""
 
     def __init__(
         self,
-        backend: bytes,
         limits: ConnectionLimits,
         *,
         dropped: Callable[[str], None] = lambda reason: None,
         opened: Callable[[int], None] = lambda count: None,
     ) -> None:
-        self._backend = backend
+        self._backend = b""
         self._limits = limits
         self._dropped = dropped
         self._opened = opened
@@ -75,11 +75,13 @@ class CappedRelay:
         self,
         host: str,
         port: int,
+        backend: bytes,
         *,
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Bind, report the bound (host, port), relay until `close()` and the last
-        connection end."""
+        """Bind, report the bound (host, port), relay to the Unix socket `backend` until
+        `close()` and the last connection end."""
+        self._backend = backend
         self._listeners = await trio.open_tcp_listeners(
             port, host=host, backlog=self._limits.backlog
         )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -22,14 +21,13 @@ import trio
 from hypercorn.config import Config
 
 from .app import MAX_HEAD_BYTES
-from .listener import CappedRelay, ConnectionLimits
+from .listener import CappedRelay
 
 KEEP_ALIVE_TIMEOUT = 10.0
 KEEP_ALIVE_MAX_REQUESTS = 1000
 READ_TIMEOUT = 10
 H2_MAX_STREAMS = 16
 BACKEND_BACKLOG = 128
-DEFAULT_LIMITS = ConnectionLimits()
 
 # hypercorn's "Running on http://unix:…" names the private socket: keep its warnings only.
 _hypercorn_log = logging.getLogger("anna.console.hypercorn")
@@ -56,24 +54,13 @@ def hypercorn_config(backend_fd: int, *, graceful_timeout: float) -> Config:
 
 class ConsoleServer:
     """Serves `app` on one address until `shutdown()`: hypercorn on a private abstract
-    Unix socket, and the capped relay on the public address."""
+    Unix socket, and `front` (the capped relay) on the public address."""
 
-    def __init__(
-        self,
-        app: Any,
-        *,
-        graceful_timeout: float,
-        limits: ConnectionLimits = DEFAULT_LIMITS,
-        dropped: Callable[[str], None] = lambda reason: None,
-        opened: Callable[[int], None] = lambda count: None,
-    ) -> None:
+    def __init__(self, app: Any, front: CappedRelay, *, graceful_timeout: float) -> None:
         self._app = app
+        self._front = front
         self._graceful_timeout = graceful_timeout
-        self._limits = limits
-        self._dropped = dropped
-        self._opened = opened
         self._stopping = trio.Event()
-        self._relay: CappedRelay | None = None
 
     async def serve(
         self,
@@ -89,18 +76,16 @@ class ConsoleServer:
         backend.bind("")  # Linux autobind: an abstract name nobody else is told
         name = backend.getsockname()
         config = hypercorn_config(backend.detach(), graceful_timeout=self._graceful_timeout)
-        self._relay = CappedRelay(name, self._limits, dropped=self._dropped, opened=self._opened)
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 partial(
                     hypercorn.trio.serve, self._app, config, shutdown_trigger=self._stopping.wait
                 )
             )
-            bound = await nursery.start(self._relay.serve, host, port)
+            bound = await nursery.start(self._front.serve, host, port, name)
             task_status.started(bound)
 
     def shutdown(self) -> None:
         """Stop accepting; hypercorn finishes what is in flight within its grace period."""
-        if self._relay is not None:
-            self._relay.close()
+        self._front.close()
         self._stopping.set()
