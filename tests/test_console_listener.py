@@ -168,6 +168,29 @@ async def test_requests_that_crashed_the_old_listener_are_refused(
         assert await running.get("/health") == (200, b'{"status":"ok"}')
 
 
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /health HTTP/1.0\r\n\r\n",
+    ],
+)
+async def test_a_connection_the_client_asked_to_close_is_closed(
+    tmp_path: Path, request_head: bytes
+) -> None:
+    """`Connection: close` (or HTTP/1.0): the answer, then the server's close at once
+    (quart-trio's cancellation used to cut hypercorn's close short: open for 10 s)."""
+    async with serving(tmp_path) as running:
+        stream = await running.connect()
+        await stream.send_all(request_head)
+        answer = b""
+        with trio.fail_after(1):
+            while chunk := await stream.receive_some(READ):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"status":"ok"}')
+        await stream.aclose()
+
+
 async def test_a_client_over_its_share_is_refused(tmp_path: Path) -> None:
     """The (max_per_client + 1)-th connection from one address is closed at once and
     counted; when one of its connections ends, that address is served again."""

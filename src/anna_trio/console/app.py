@@ -24,9 +24,11 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
+import trio
 from hypercorn.typing import (
     ASGIReceiveCallable,
     ASGISendCallable,
+    ASGISendEvent,
     HTTPResponseBodyEvent,
     HTTPResponseStartEvent,
     Scope,
@@ -119,10 +121,17 @@ async def _refuse(send: ASGISendCallable, status: int, code: str, message: str) 
 
 
 def guard_requests(app: ASGIApp, count_error: Callable[[str], None]) -> ASGIApp:
-    """ASGI middleware for what quart would get wrong: a request target it cannot parse
-    (`GET http://[::1`, a 500 inside quart) is a 400, and a head over MAX_HEAD_BYTES is a
-    431 however it arrived (hypercorn bounds only a head still incomplete, so one sent
-    in a single read could be up to 64 KiB)."""
+    """ASGI middleware for what quart and hypercorn would get wrong together:
+
+    - a request target quart cannot parse (`GET http://[::1`, a 500 inside quart) is a
+      400, and a head over MAX_HEAD_BYTES is a 431 however it arrived (hypercorn bounds
+      only a head still incomplete, so one sent in a single read could be 64 KiB);
+    - the app's sends are shielded: hypercorn ends a `Connection: close` exchange from
+      inside the last send, and quart-trio, told of the disconnect that this sends it,
+      cancels the request's tasks, the send among them, before the socket is closed
+      (pgjones/hypercorn#106): the connection then stayed open until the read timeout.
+      A send waits at most for the front door's send timeout (listener.py).
+    """
 
     async def guarded(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
@@ -140,7 +149,12 @@ def guard_requests(app: ASGIApp, count_error: Callable[[str], None]) -> ASGIApp:
                     count_error(MALFORMED)
                     await _refuse(send, 400, "bad_request", f"malformed request target: {exc}")
                     return
-        await app(scope, receive, send)
+
+        async def shielded(message: ASGISendEvent) -> None:
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await app(scope, receive, shielded)
 
     return guarded
 
