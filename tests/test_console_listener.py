@@ -208,6 +208,19 @@ async def test_a_client_over_its_share_is_refused(tmp_path: Path) -> None:
             await stream.aclose()
 
 
+async def test_a_connection_per_request_is_not_held_against_its_client(
+    tmp_path: Path,
+) -> None:
+    """A client that opens a fresh connection for each request, faster than closed
+    connections drain, is still served: only connections it holds open count
+    against its share."""
+    async with serving(tmp_path, max_per_client=4) as running:
+        with trio.fail_after(10):
+            for _ in range(20):
+                assert (await running.get("/health"))[0] == 200
+        assert running.dropped == []
+
+
 async def test_connections_over_the_cap_wait_in_the_backlog(tmp_path: Path) -> None:
     """At max_connections nothing more is accepted: a request on a further connection
     is answered only once a slot is free."""

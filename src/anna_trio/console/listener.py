@@ -114,8 +114,9 @@ class CappedRelay:
             connections.start_soon(self._connection, stream)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        """One client, within its address's share; the slot is freed when it ends."""
-        client = None
+        """One client: its slot is freed when the connection ends, its address's share
+        as soon as the client closes its side (a client that opens a connection per
+        request is not refused for the ones still draining)."""
         try:
             try:
                 client = str(stream.socket.getpeername()[0])
@@ -126,31 +127,44 @@ class CappedRelay:
                 return
             self._per_client[client] += 1
             self._opened(self.open_connections)
-            await self._relay(stream)
+            left = False
+
+            def leave() -> None:
+                nonlocal left
+                if not left:
+                    left = True
+                    self._per_client[client] -= 1
+                    if not self._per_client[client]:
+                        del self._per_client[client]
+
+            try:
+                await self._relay(stream, leave)
+            finally:
+                leave()
         finally:
             await trio.aclose_forcefully(stream)
-            if client is not None and self._per_client[client] > 0:
-                self._per_client[client] -= 1
-                if not self._per_client[client]:
-                    del self._per_client[client]
             self._slots.release()
             self._opened(self.open_connections)
 
-    async def _relay(self, client: trio.SocketStream) -> None:
+    async def _relay(self, client: trio.SocketStream, closed: Callable[[], None]) -> None:
         try:
             backend = await trio.open_unix_socket(self._backend)
         except OSError:
             return  # hypercorn has stopped (shutdown): nothing to relay to
         async with backend, trio.open_nursery() as pumps:
-            pumps.start_soon(self._requests, client, backend, pumps.cancel_scope)
+            pumps.start_soon(self._requests, client, backend, pumps.cancel_scope, closed)
             pumps.start_soon(self._answers, backend, client, pumps.cancel_scope)
 
     async def _requests(
-        self, client: trio.SocketStream, backend: trio.SocketStream, both: trio.CancelScope
+        self,
+        client: trio.SocketStream,
+        backend: trio.SocketStream,
+        both: trio.CancelScope,
+        closed: Callable[[], None],
     ) -> None:
         """Client → hypercorn; blocks when hypercorn stops reading (it pauses a pipelined
         request until the one before is answered), so nothing piles up here. The
-        client's close starts the drain."""
+        client's close (`closed()`) starts the drain."""
         sent = False
         try:
             while data := await client.receive_some(RECEIVE_SIZE):
@@ -159,6 +173,7 @@ class CappedRelay:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             both.cancel()
             return
+        closed()
         both.deadline = min(
             both.deadline,
             trio.current_time() + (self._limits.drain_after_close if sent else 0.0),
