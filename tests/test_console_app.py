@@ -22,7 +22,7 @@ from quart_trio import QuartTrio
 from anna_trio import __version__, failpoints
 from anna_trio.audit import AuditIdAllocator, AuditLog
 from anna_trio.console import make_app
-from anna_trio.console.app import MAX_BODY_BYTES
+from anna_trio.console.app import MAX_BODY_BYTES, MAX_HEAD_BYTES
 from anna_trio.console.source import ByzantineView
 from anna_trio.metrics import Metrics
 from console_fakes import DIGEST, FakeSource
@@ -220,11 +220,8 @@ async def test_a_bug_of_ours_is_a_logged_counted_500(
     assert (await call(app, "GET", "/health"))[0] == 200
 
 
-@pytest.mark.parametrize("target", ["http://[::1", "http://[", "https://a]b[", "x://[y"])
-async def test_unparseable_request_targets_are_400_not_500(build: AppFactory, target: str) -> None:
-    """Targets that made urlsplit raise inside the old server (issue 16) and inside quart
-    are 400, counted as malformed, straight from the ASGI layer."""
-    app, setup = build()
+async def asgi_call(app: QuartTrio, path: str, headers: list[tuple[bytes, bytes]]) -> list[Any]:
+    """One request straight through the ASGI interface (targets no test client sends)."""
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -239,20 +236,38 @@ async def test_unparseable_request_targets_are_400_not_500(build: AppFactory, ta
         "http_version": "1.1",
         "method": "GET",
         "scheme": "http",
-        "path": target,
-        "raw_path": target.encode(),
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"x")],
+        "headers": [(b"host", b"x"), *headers],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 2),
     }
     await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize("target", ["http://[::1", "http://[", "https://a]b[", "x://[y"])
+async def test_unparseable_request_targets_are_400_not_500(build: AppFactory, target: str) -> None:
+    """Targets that made urlsplit raise inside the old server (issue 16) and inside quart
+    are 400, counted as malformed, straight from the ASGI layer, closing the connection."""
+    app, setup = build()
+    sent = await asgi_call(app, target, [])
     assert sent[0]["status"] == 400
     assert (b"connection", b"close") in sent[0]["headers"]
     body = json.loads(sent[1]["body"])
     assert (body["success"], body["error"]) == (False, "bad_request")
     assert setup.errors == ["malformed"]
+
+
+async def test_a_head_over_the_limit_is_431(build: AppFactory) -> None:
+    """A request head over MAX_HEAD_BYTES, however it arrived, is 431 and counted."""
+    app, setup = build()
+    sent = await asgi_call(app, "/metrics", [(b"x-big", b"a" * MAX_HEAD_BYTES)])
+    assert sent[0]["status"] == 431
+    assert json.loads(sent[1]["body"])["error"] == "header_too_large"
+    assert setup.errors == ["too_large"]
 
 
 # --- the console -------------------------------------------------------------------------
