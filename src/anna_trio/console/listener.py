@@ -1,12 +1,12 @@
 """The metrics listener's front door: a capped trio listener that relays to hypercorn.
 
-hypercorn bounds what happens inside a connection (head size, body size, keep-alive,
-read timeout, backlog) but not how many connections it holds, and
-`hypercorn.trio.serve` builds its listeners from its binds, so nothing can wrap them.
-The cap therefore stands in front, like Prometheus' LimitListener in front of its web
-server: this listener owns the public port, accepts at most `max_connections` at once
-(the rest wait in the kernel's backlog), refuses a client address's connection over
-`max_per_client`, and relays each connection's bytes to hypercorn on a private socket
+hypercorn bounds what happens inside a connection (an incomplete head, keep-alive, the
+read timeout, the backlog; the app bounds bodies) but not how many connections it holds,
+and `hypercorn.trio.serve` builds its listeners from its binds, so nothing can wrap
+them. The cap therefore stands in front, like Prometheus' LimitListener in front of its
+web server: this listener owns the public port, accepts at most `max_connections` at
+once (the rest wait in the kernel's backlog), refuses a client address's connection
+over `max_per_client` open ones, and relays each connection's bytes to hypercorn on a private socket
 (an abstract Unix socket that only this process knows the name of). A client that
 stops reading its answers is disconnected after `send_timeout`: neither hypercorn (its
 sends have no deadline) nor this relay holds more than one read's worth per direction.
