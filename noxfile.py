@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import nox
 
-nox.options.sessions = ["lint", "tests", "chaos", "powerloss", "deploy"]
+nox.options.sessions = ["lint", "tests", "chaos", "browser", "powerloss", "deploy"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -29,6 +30,7 @@ def tests(session: nox.Session) -> None:
         "--ignore=tests/chaos",
         "--ignore=tests/powerloss",
         "--ignore=tests/deploy",
+        "--ignore=tests/browser",
         *args,
         env={"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")},
     )
@@ -75,6 +77,31 @@ def deploy(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     args = session.posargs or ["tests/deploy", "-q", "-p", "no:cacheprovider", "-rs"]
     session.run("pytest", *args)
+
+
+@nox.session(python="3.11")
+def browser(session: nox.Session) -> None:
+    """The operator console in a real browser: Debian's chromium, headless, driven by
+    Playwright (never `playwright install`: no browser download), against a live 3-node
+    testnet after the three scenarios; axe-core from npm, cached here, checks
+    accessibility. Fails in CI (CI=true) when chromium or npm is missing; skips
+    elsewhere, saying why.
+    """
+    session.install("-e", ".[test]", "playwright>=1.40", "pillow>=10")
+    axe = session.cache_dir / "axe-core"
+    if shutil.which("npm"):
+        session.run(
+            *("npm", "install", "--prefix", str(axe), "--no-save", "--no-audit", "--no-fund"),
+            *("--loglevel", "error", "axe-core@4"),
+            external=True,
+        )
+    args = session.posargs or ["-q", "-p", "no:cacheprovider", "-rs"]
+    session.run(
+        "pytest",
+        "tests/browser",
+        *args,
+        env={"ANNA_AXE_JS": str(axe / "node_modules" / "axe-core" / "axe.min.js")},
+    )
 
 
 @nox.session(python="3.11")

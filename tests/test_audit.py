@@ -233,6 +233,41 @@ def test_edit_remove_reorder_name_the_first_bad_line(
     assert result.entries == expected - 1
 
 
+@settings(max_examples=30, deadline=None)
+@given(first=st.integers(0, 5), appended=st.integers(0, 5), bad=st.booleans())
+def test_resumed_verification_equals_a_full_one(
+    tmp_path_factory: pytest.TempPathFactory, first: int, appended: int, bad: bool
+) -> None:
+    """Resuming from an earlier good check reads only the appended lines and finds what
+    a full check finds: the same counts, ids and end, or the same first bad line."""
+    path = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    write_entries(path, first)
+    earlier = verify_audit_log(path)
+    write_entries(path, appended)
+    if bad:
+        with path.open("ab") as file:
+            file.write(b'{"audit_id": 1}\n')
+    resumed = verify_audit_log(path, resume=earlier)
+    assert resumed == verify_audit_log(path)
+    assert resumed.ok is not bad
+    if resumed.ok:
+        assert resumed.verified_bytes == path.stat().st_size
+
+
+def test_resume_reads_past_the_checked_prefix_only(tmp_path: Path) -> None:
+    """Lines before the resume point are not read again (damage there is the full
+    check's to find: `annactl audit verify`)."""
+    path = tmp_path / "audit.jsonl"
+    write_entries(path, 3)
+    earlier = verify_audit_log(path)
+    data = bytearray(path.read_bytes())
+    data[data.index(b'"n":1') + 4] = ord("7")  # same length, hash no longer matches
+    path.write_bytes(bytes(data))
+    write_entries(path, 1)
+    assert verify_audit_log(path, resume=earlier).ok
+    assert verify_audit_log(path).first_bad_line == 2
+
+
 def test_verify_rejects_non_increasing_ids_even_with_a_valid_chain(tmp_path: Path) -> None:
     """A correctly hashed entry whose audit_id does not increase is still reported."""
     path = tmp_path / "audit.jsonl"

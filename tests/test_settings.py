@@ -460,3 +460,28 @@ def test_environment_durations_accepted_exactly_when_finite_and_in_range(seconds
     else:
         assert math.isfinite(seconds) and seconds > 0
         assert resolved.round_interval == resolved.round_timeout == seconds
+
+
+def test_console_switch_flag_beats_env_beats_file_beats_default(tmp_path: Path) -> None:
+    """The console is on by default; `console: false`, ANNA_CONSOLE and --[no-]console
+    turn it off or on, the highest layer winning."""
+    off = str(write_config(tmp_path, "node_id: n1\nconsole: false\n"))
+    assert resolve(["--node-id", "n1"]).console is True
+    assert resolve(["--config", off]).console is False
+    assert resolve(["--config", off], {"ANNA_CONSOLE": "true"}).console is True
+    assert resolve(["--config", off, "--console"], {"ANNA_CONSOLE": "0"}).console is True
+    assert resolve(["--node-id", "n1", "--no-console"], {"ANNA_CONSOLE": "on"}).console is False
+    for text, expected in (("1", True), ("yes", True), ("OFF", False), ("false", False)):
+        assert resolve(["--node-id", "n1"], {"ANNA_CONSOLE": text}).console is expected
+
+
+def test_console_switch_rejects_anything_but_a_boolean(tmp_path: Path) -> None:
+    """A console value that is not a boolean is an error naming its source (and line)."""
+    assert problems(["--node-id", "n1"], {"ANNA_CONSOLE": "maybe"}) == [
+        "ANNA_CONSOLE: must be true or false; got 'maybe'"
+    ]
+    path = str(write_config(tmp_path, "node_id: n1\nconsole: 'no'\n"))
+    (line,) = problems(["--config", path])
+    assert line.endswith(
+        ":2: console: must be true or false (a YAML boolean, not yes/no or a string)"
+    )

@@ -166,7 +166,8 @@ class AuditIdAllocator:
 
 @attrs.frozen
 class AuditVerification:
-    """What `verify_audit_log` found; `first_bad_line` is 1-based."""
+    """What `verify_audit_log` found; `first_bad_line` is 1-based. `verified_bytes` and
+    `last_hash` say where a good chain ended, so a later check can resume there."""
 
     ok: bool
     entries: int
@@ -174,6 +175,8 @@ class AuditVerification:
     reason: str
     first_audit_id: int | None = None
     last_audit_id: int | None = None
+    verified_bytes: int = 0
+    last_hash: str = GENESIS_HASH
 
 
 @attrs.frozen
@@ -395,33 +398,48 @@ def _tail_entry(path: Path, line: bytes) -> tuple[int, str]:
     return audit_id, digest
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def _lines(path: Path, offset: int) -> Iterator[bytes]:
     with path.open("rb") as file:
-        yield from enumerate(file, start=1)
+        file.seek(offset)
+        yield from file
 
 
 _REQUIRED = ("audit_id", "timestamp", "node_id", "event", "prev_hash", "hash")
 
 
-def verify_audit_log(path: Path, anchor_file: Path | None = None) -> AuditVerification:
+def verify_audit_log(
+    path: Path,
+    anchor_file: Path | None = None,
+    *,
+    resume: AuditVerification | None = None,
+) -> AuditVerification:
     """Check the whole chain and that audit_id strictly increases, streaming the file,
     then that the log reaches its anchor (``<log>.head`` unless ``anchor_file`` is given):
     a log cut short of it was truncated, which the chain alone cannot show.
 
-    Raises OSError when a file cannot be read, StateError when the anchor is not one.
+    `resume`, an earlier good verification of this same file, checks only what was
+    appended since (the operator console re-checks a growing log this way); the caller
+    knows the file was only appended to. An anchor inside the part checked before is
+    taken as met. Raises OSError when a file cannot be read, StateError when the anchor
+    is not one.
     """
     anchor = Anchor.read(anchor_file or anchor_path(path))
+    start = resume if resume is not None and resume.ok else AuditVerification(True, 0, None, "")
+    prev_hash = start.last_hash
+    prev_id = start.last_audit_id
+    first_id = start.first_audit_id
+    entries = start.entries
+    offset = start.verified_bytes
     anchored_line: int | None = None  # the line holding the anchored audit_id
     anchored_hash = ""
-    prev_hash = GENESIS_HASH
-    prev_id: int | None = None
-    first_id: int | None = None
-    entries = 0
+    if anchor is not None and prev_id is not None and anchor.audit_id <= prev_id:
+        anchored_line = entries  # checked before; its hash was the resumed chain's then
+        anchored_hash = anchor.hash if anchor.audit_id < prev_id else prev_hash
 
     def bad(line_no: int, reason: str) -> AuditVerification:
         return AuditVerification(False, entries, line_no, reason, first_id, prev_id)
 
-    for line_no, raw in _lines(path):
+    for line_no, raw in enumerate(_lines(path, offset), start=entries + 1):
         if not raw.endswith(b"\n"):
             return bad(line_no, "incomplete last line (torn write; annad removes it at start)")
         try:
@@ -450,6 +468,7 @@ def verify_audit_log(path: Path, anchor_file: Path | None = None) -> AuditVerifi
         prev_id = audit_id
         first_id = audit_id if first_id is None else first_id
         entries += 1
+        offset += len(raw)
     if anchor is None:
         reason = "chain verified (no anchor file: truncation not checked)"
     elif anchored_line is None and (prev_id or 0) > anchor.audit_id:
@@ -468,4 +487,4 @@ def verify_audit_log(path: Path, anchor_file: Path | None = None) -> AuditVerifi
         return bad(anchored_line, "hash differs from the one its anchor recorded")
     else:
         reason = f"chain verified through its anchor (audit_id {anchor.audit_id})"
-    return AuditVerification(True, entries, None, reason, first_id, prev_id)
+    return AuditVerification(True, entries, None, reason, first_id, prev_id, offset, prev_hash)

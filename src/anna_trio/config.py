@@ -80,6 +80,7 @@ _ANNAD_KEYS = (
     "log_level",
     "log_format",
     "observer",
+    "console",
 )
 _ANNAD_PATH_KEYS = (  # (annad.yml key, Settings field)
     ("state_dir", "state_dir"),
@@ -124,6 +125,8 @@ class Settings:
     log_format: str
     observer: ObserverConfig
     config_file: Path | None
+    console: bool = True
+    """The read-only web console at / on the metrics listener."""
 
 
 # --- small value checks shared by every source ----------------------------------------
@@ -722,6 +725,11 @@ def build_annad_parser() -> argparse.ArgumentParser:
     )
     add("--log-level", choices=LOG_LEVELS, help="default info")
     add("--log-format", choices=LOG_FORMATS, help="default text")
+    add(
+        "--console",
+        action=argparse.BooleanOptionalAction,
+        help="serve the read-only web console at / on the metrics listener (default on)",
+    )
     return parser
 
 
@@ -789,6 +797,8 @@ def _settings_from_yaml(path: Path, problems: _Problems) -> dict[str, Any]:
                 top.error(key, problem)
     values["log_level"] = top.choice("log_level", LOG_LEVELS, "") or None
     values["log_format"] = top.choice("log_format", LOG_FORMATS, "") or None
+    if top.has("console"):
+        values["console"] = top.boolean("console", True)
     return {key: value for key, value in values.items() if value is not None}
 
 
@@ -881,6 +891,18 @@ def _duration_value(*, positive: bool) -> Callable[[Any], float]:
     return convert
 
 
+def _switch_value(value: Any) -> bool:
+    """A flag's bool, or an environment variable's true/false (1/0, yes/no, on/off)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false; got {value!r}")
+
+
 def _choice_value(choices: Sequence[str]) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         text = str(value).strip().lower()
@@ -956,6 +978,7 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
         ),
         observer=file_values.get("observer", ObserverConfig()),
         config_file=config_file,
+        console=layers.simple("console", "ANNA_CONSOLE", _switch_value, True),
     )
     problems += layers.problems
     if node_id is None and "node_id" not in layers.failed:

@@ -23,6 +23,8 @@ from . import __version__, crypto, durable, failpoints, systemd
 from ._exceptions import ConfigError
 from .audit import AuditIdAllocator, AuditLog
 from .config import Settings, diff_peers, load_cluster_config, self_port_change
+from .console import CappedRelay, ConnectionLimits, ConsoleServer, make_app
+from .console.node_source import NodeConsoleSource
 from .coordinator import RoundCoordinator
 from .metrics import Metrics
 from .models import ClusterConfig, format_utc
@@ -30,7 +32,7 @@ from .node import Node
 from .observer import ConfiguredObserver
 from .outbox import PeerOutbox
 from .peers import HttpTransports, PeerSupervisor
-from .rpc.server import MetricsServer, RpcServer
+from .rpc.server import RpcServer
 from .rpc.views import health_json
 from .seams import SystemClock, system_random
 from .state.lock import StateDirLock
@@ -143,7 +145,14 @@ class Daemon:
                 rng=system_random(),
                 clock=clock,
             )
-            await self._serve(node, supervisor, config, store, audit)
+            console = NodeConsoleSource(
+                node,
+                peer_states=supervisor.peer_states,
+                state_file=state_file,
+                migration=outcome,
+                audit_log=s.audit_log,
+            )
+            await self._serve(node, supervisor, config, store, audit, console)
         finally:
             store.close()
 
@@ -154,6 +163,7 @@ class Daemon:
         config: ClusterConfig,
         store: Store,
         audit: AuditLog,
+        console: NodeConsoleSource,
     ) -> None:
         s = self.settings
         rpc_bind = s.rpc_listen or ("0.0.0.0", self._own_port(config))
@@ -162,21 +172,12 @@ class Daemon:
             node, self.metrics, reconcile=supervisor.pull_all, peer_states=supervisor.peer_states
         )
         rpc.set_limits(config.limits, await trio.to_thread.run_sync(_resolve_addresses, config))
-        metrics_server = MetricsServer(
-            self.metrics,
-            lambda: health_json(node.node_id),
-            lambda: self.ready,
-            failpoints_http=os.environ.get("ANNA_FAILPOINTS_HTTP") == "1",
-        )
+        metrics_http = self._metrics_listener(node, console)
         rpc_http = HttpServer(
             rpc.handle,
             ssl_context=server_ssl,
             max_body_bytes=rpc.max_body_bytes,
             count_error=lambda kind: self.metrics.http_errors.labels("rpc", kind).inc(),
-        )
-        metrics_http = HttpServer(
-            metrics_server.handle,
-            count_error=lambda kind: self.metrics.http_errors.labels("metrics", kind).inc(),
         )
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             # The store's writer outlives everything that commits: after the drain, the
@@ -218,7 +219,7 @@ class Daemon:
                         systemd.notify("STOPPING=1")
                         self.ready = False
                         await rpc_http.shutdown()
-                        await metrics_http.shutdown()
+                        metrics_http.shutdown()
                         http.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
                     root.cancel_scope.cancel()
                 with trio.move_on_after(SHUTDOWN_GRACE) as persisting:
@@ -231,6 +232,24 @@ class Daemon:
                 await trio.to_thread.run_sync(audit.ids.release)
                 writer.cancel_scope.cancel()
         self.settings.pid_file.unlink(missing_ok=True)
+
+    def _metrics_listener(self, node: Node, console: NodeConsoleSource) -> ConsoleServer:
+        """/metrics, probes, failpoints and the console: quart-trio on hypercorn."""
+        app = make_app(
+            console,
+            self.metrics,
+            health=lambda: health_json(node.node_id),
+            is_ready=lambda: self.ready,
+            failpoints_http=os.environ.get("ANNA_FAILPOINTS_HTTP") == "1",
+            console=self.settings.console,
+            count_error=lambda kind: self.metrics.http_errors.labels("metrics", kind).inc(),
+        )
+        front = CappedRelay(
+            ConnectionLimits(),
+            dropped=lambda reason: self.metrics.listener_dropped.labels("metrics", reason).inc(),
+            opened=lambda count: self.metrics.listener_connections.labels("metrics").set(count),
+        )
+        return ConsoleServer(app, front, graceful_timeout=SHUTDOWN_GRACE)
 
     def _heartbeat(self) -> None:
         self._last_heartbeat = time.monotonic()

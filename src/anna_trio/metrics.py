@@ -123,6 +123,19 @@ class Metrics:
         for listener in ("rpc", "metrics"):
             for kind in ("malformed", "too_large", "internal"):
                 self.http_errors.labels(listener, kind)
+        self.listener_connections = Gauge(
+            "anna_listener_connections", "Open connections, by listener", ["listener"], registry=reg
+        )
+        self.listener_dropped = Counter(
+            "anna_listener_dropped_connections",
+            "Connections a listener refused or ended for a limit: over the per-client cap, "
+            "or a client that stopped reading its answers",
+            ["listener", "reason"],
+            registry=reg,
+        )
+        self.listener_connections.labels("metrics")
+        for reason in ("per_client_cap", "send_timeout"):
+            self.listener_dropped.labels("metrics", reason)
         self.observer_failures = Counter(
             "anna_observer_failures",
             "Rounds this node could not contribute to (observer missing or invalid)",

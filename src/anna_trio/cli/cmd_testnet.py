@@ -54,12 +54,18 @@ def _up(args: argparse.Namespace) -> int:
         down(layout)
         print(f"annactl: {exc}", file=sys.stderr)
         return 1
+    _print_endpoints(layout)
+    return 0
+
+
+def _print_endpoints(layout: Any) -> None:
+    """Each node's RPC and metrics addresses, and its console's URL."""
     scheme = "https" if layout.tls else "http"
     for ep in layout.endpoints:
+        metrics = f"http://{ep.host}:{ep.metrics_port}"
         print(
-            f"{ep.node_id}: rpc {scheme}://{ep.host}:{ep.rpc_port} metrics http://{ep.host}:{ep.metrics_port}"
+            f"{ep.node_id}: rpc {scheme}://{ep.host}:{ep.rpc_port} metrics {metrics} console {metrics}/"
         )
-    return 0
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -95,6 +101,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"testnet initialised in {layout.directory}; starting 3 nodes (mTLS)")
     try:
         up(layout)
+        _print_endpoints(layout)
         return _scenarios(args)
     except RuntimeError as exc:
         print(f"annactl: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The RPC routes (SPEC §7) and the metrics routes, on the lean HTTP server (transport/server.py).
+"""The RPC routes (SPEC §7) on the lean HTTP server (transport/server.py).
 
 Every failure path answers JSON `{"success": false, "error", "message"}`; client input
 never produces a 500. Limits are checked before any work: body size (by the server,
@@ -17,7 +17,6 @@ from typing import Any
 import trio
 
 from .. import failpoints
-from .._exceptions import ConfigError
 from ..consensus.engine import RoundView
 from ..metrics import Metrics
 from ..models import ROUND_ID_RE, Limits, is_round_id, is_window_hours
@@ -285,61 +284,3 @@ class RpcServer:
 
 def _started_reply(round_id: str) -> Reply:
     return Reply(202, {"success": True, "round_id": round_id})
-
-
-class MetricsServer:
-    """Plain-HTTP routes for Prometheus, health/readiness and (testnets) failpoints."""
-
-    FAILPOINT_PREFIX = "/debug/failpoints/"
-
-    def __init__(
-        self,
-        metrics: Metrics,
-        node_health: Callable[[], dict[str, Any]],
-        is_ready: Callable[[], bool],
-        *,
-        failpoints_http: bool,
-    ) -> None:
-        self._metrics = metrics
-        self._node_health = node_health
-        self._is_ready = is_ready
-        self._failpoints_http = failpoints_http
-        self._routes: dict[str, dict[str, Route]] = {
-            "/metrics": {"GET": self._metrics_route},
-            "/health": {"GET": self._health},
-            "/ready": {"GET": self._ready},
-        }
-
-    async def handle(self, request: Request) -> Response:
-        if request.path.startswith(self.FAILPOINT_PREFIX):
-            return await self._failpoint(request)
-        route = _dispatch(self._routes, request)
-        if isinstance(route, Response):
-            return route
-        return await route(request)
-
-    async def _metrics_route(self, request: Request) -> Response:
-        return Response(200, self._metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
-
-    async def _health(self, request: Request) -> Response:
-        return _reply(Reply(200, self._node_health()))
-
-    async def _ready(self, request: Request) -> Response:
-        if self._is_ready():
-            return json_response(200, {"ready": True})
-        return error_response(503, "not_ready", "starting up")
-
-    async def _failpoint(self, request: Request) -> Response:
-        if not self._failpoints_http:
-            return error_response(404, "not_found", "failpoints over HTTP are disabled")
-        name = request.path.removeprefix(self.FAILPOINT_PREFIX)
-        if request.method not in ("PUT", "DELETE"):
-            return error_response(405, "method_not_allowed", "failpoints accept PUT and DELETE")
-        try:
-            if request.method == "DELETE":
-                failpoints.arm(name, "off")
-            else:
-                failpoints.arm(name, request.body.decode("utf-8", errors="replace"))
-        except ConfigError as exc:
-            return error_response(400, "bad_failpoint", str(exc))
-        return json_response(200, {"success": True, "armed": failpoints.armed()})
