@@ -71,3 +71,17 @@ def test_testnet_run_prints_the_console_urls_before_the_scenarios(
     out = capsys.readouterr().out
     assert console_urls(out) == [f"http://127.0.0.1:{port}/" for port in (9001, 9002, 9003)]
     assert out.index(" console ") < out.index("PASS")
+
+
+def test_testnet_up_on_an_empty_folder_makes_the_testnet_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `docker compose up`: no testnet in DIR is not an error, it is made first."""
+    calls: list[str] = []
+    monkeypatch.setattr(testnet, "init", lambda layout, **kw: calls.append("init"))
+    monkeypatch.setattr(testnet, "up", lambda layout: calls.append("up"))
+    with pytest.raises(SystemExit) as exited:
+        annactl.main(["testnet", "up", "--dir", str(tmp_path / "fresh")])
+    assert exited.value.code == 0
+    assert calls == ["init", "up"]
+    assert "initialised one" in capsys.readouterr().out

@@ -15,7 +15,7 @@ def register(commands: Any) -> None:
     default_dir = os.environ.get("ANNA_TESTNET_DIR", "artifacts/testnet")
     for name, handler, text in (
         ("init", _init, "create keys, a CA, certificates and peers files for 3 nodes"),
-        ("up", _up, "start the 3 nodes and wait until they are ready"),
+        ("up", _up, "start the 3 nodes and wait until they are ready (init first if needed)"),
         ("down", _down, "stop the 3 nodes"),
         ("run", _run, "init, up, run the three scenarios, collect artifacts, down"),
         ("scenarios", _scenarios, "run the three scenarios against a running testnet"),
@@ -45,9 +45,13 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from ..testnet import Layout, down, up
+    """Start the testnet in DIR, making one first if there is none (as `compose up`)."""
+    from ..testnet import Layout, down, init, up
 
     layout = Layout.load(Path(args.dir))
+    if not (layout.node_dir(1) / "peers.yml").exists():
+        init(layout)
+        print(f"no testnet in {args.dir}: initialised one")
     try:
         up(layout)
     except (FileNotFoundError, RuntimeError) as exc:
