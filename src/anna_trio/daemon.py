@@ -10,28 +10,26 @@ import gc
 import logging
 import os
 import signal
-import socket
 import ssl
 import time
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 import trio
 
 from . import __version__, crypto, durable, failpoints, systemd
-from ._exceptions import ConfigError
 from .audit import AuditIdAllocator, AuditLog
-from .config import Settings, diff_peers, load_cluster_config, self_port_change
+from .config import Settings, load_cluster_config
 from .console import CappedRelay, ConnectionLimits, ConsoleServer, make_app
 from .console.node_source import NodeConsoleSource
 from .coordinator import RoundCoordinator
 from .metrics import Metrics
-from .models import ClusterConfig, format_utc
+from .models import ClusterConfig
 from .node import Node
 from .observer import ConfiguredObserver
 from .outbox import PeerOutbox
 from .peers import HttpTransports, PeerSupervisor
+from .reload import INSECURE_WARNING, Reloader, validator_addresses
 from .rpc.server import RpcServer
 from .rpc.views import health_json
 from .seams import SystemClock, system_random
@@ -44,27 +42,12 @@ from .transport.server import HttpServer
 
 log = logging.getLogger("anna.daemon")
 
-INSECURE_WARNING = "WARN: Running with allow_insecure_peers=true - TLS DISABLED"
 SHUTDOWN_GRACE = 5.0
 GC_YOUNG_THRESHOLD = 5000  # CPython's default is 700
 
 
 def load_config_for(settings: Settings) -> ClusterConfig:
     return load_cluster_config(settings.peers_file, node_id=settings.node_id)
-
-
-def _resolve_addresses(config: ClusterConfig) -> frozenset[str]:
-    """IP addresses of every validator, exempt from rate limiting."""
-    found: set[str] = set()
-    for peer in config.peers:
-        try:
-            for info in socket.getaddrinfo(peer.address, None):
-                found.add(str(info[4][0]))
-        except OSError:
-            log.warning(
-                "cannot resolve validator address %s (rate limit applies to it)", peer.address
-            )
-    return frozenset(found)
 
 
 class Daemon:
@@ -171,13 +154,25 @@ class Daemon:
         rpc = RpcServer(
             node, self.metrics, reconcile=supervisor.pull_all, peer_states=supervisor.peer_states
         )
-        rpc.set_limits(config.limits, await trio.to_thread.run_sync(_resolve_addresses, config))
+        rpc.set_limits(config.limits, await trio.to_thread.run_sync(validator_addresses, config))
         metrics_http = self._metrics_listener(node, console)
         rpc_http = HttpServer(
             rpc.handle,
             ssl_context=server_ssl,
             max_body_bytes=rpc.max_body_bytes,
             count_error=lambda kind: self.metrics.http_errors.labels("rpc", kind).inc(),
+        )
+        reloader = Reloader(
+            node_id=s.node_id,
+            load=partial(load_config_for, s),
+            client_tls=_client_tls,
+            server_tls=self._server_tls,
+            node=node,
+            supervisor=supervisor,
+            rpc=rpc,
+            audit=audit,
+            metrics=self.metrics,
+            clock=node.clock,
         )
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             # The store's writer outlives everything that commits: after the drain, the
@@ -212,7 +207,7 @@ class Daemon:
                         )
                         async for signum in signals:
                             if signum == signal.SIGHUP:
-                                await self._reload(node, supervisor, rpc, audit)
+                                await reloader.reload()
                                 continue
                             log.info("received %s: shutting down", signal.Signals(signum).name)
                             break
@@ -279,68 +274,6 @@ class Daemon:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(f"{os.getpid()}\n")
         os.replace(tmp, path)
-
-    async def _reload(
-        self, node: Node, supervisor: PeerSupervisor, rpc: RpcServer, audit: AuditLog
-    ) -> None:
-        """Validate-then-swap (SPEC §6); the last good config stays on any error.
-
-        Runs from the signal loop, so reloads never overlap (Prometheus' one-loop rule).
-        """
-        systemd.notify("RELOADING=1")
-        now = format_utc(datetime.now(UTC))
-        old = node.config
-        try:
-            new = await trio.to_thread.run_sync(load_config_for, self.settings)
-            refusal = self_port_change(old, new, self.settings.node_id)
-            if refusal:
-                raise ConfigError(refusal)
-            if new.tls.enabled != old.tls.enabled:
-                raise ConfigError("restart required: tls.enabled changed")
-            exempt = await trio.to_thread.run_sync(_resolve_addresses, new)
-            # Build both TLS contexts before swapping anything: all or nothing.
-            _client_tls(new)
-            if self._server_tls is not None:
-                self._server_tls.update(new.tls)
-        except (ConfigError, OSError, ValueError) as exc:
-            reason = "; ".join(exc.problems) if isinstance(exc, ConfigError) else str(exc)
-            log.error("reload failed, keeping the last good config: %s", reason)
-            self.metrics.peer_reloads.labels("failure").inc()
-            self.metrics.config_last_reload_successful.set(0)
-            node.reload_status.result, node.reload_status.at, node.reload_status.error = (
-                "failure",
-                now,
-                reason,
-            )
-            await trio.to_thread.run_sync(
-                lambda: audit.append("peer_reload", {"result": "failure", "error": reason})
-            )
-            systemd.notify("READY=1")
-            return
-        added, removed, changed = diff_peers(old, new)
-        node.apply_config(new)
-        rpc.set_limits(new.limits, exempt)
-        # Links renew their connections with new TLS settings themselves; only peers whose
-        # entry changed restart, so requests in flight to the others are not dropped.
-        await supervisor.apply(new, changed=set(changed))
-        self.metrics.peer_reloads.labels("success").inc()
-        self.metrics.config_last_reload_successful.set(1)
-        node.reload_status.result, node.reload_status.at, node.reload_status.error = (
-            "success",
-            now,
-            None,
-        )
-        node.mark_state_dirty()
-        if new.allow_insecure_peers:
-            log.warning(INSECURE_WARNING)
-        log.info("reload applied: added %s, removed %s, changed %s", added, removed, changed)
-        await trio.to_thread.run_sync(
-            lambda: audit.append(
-                "peer_reload",
-                {"result": "success", "added": added, "removed": removed, "changed": changed},
-            )
-        )
-        systemd.notify("READY=1")
 
 
 def settle_heap() -> None:

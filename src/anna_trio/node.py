@@ -500,6 +500,12 @@ class Node:
             self._completed_tis.popitem(last=False)
         self.metrics.average_tis.set(sum(self._completed_tis.values()) / len(self._completed_tis))
 
+    def record_reload(self, result: str, at: str, error: str | None) -> None:
+        """The outcome of the last peers.yml reload, for status, the console and state.json."""
+        self.reload_status = ReloadStatus(result, at, error)
+        if result == "success":
+            self.mark_state_dirty()
+
     # --- state.json upkeep ------------------------------------------------------------------
 
     def mark_state_dirty(self) -> None:

@@ -543,7 +543,16 @@ class ReloadableServerContext:
     def update(self, tls: TlsConfig) -> None:
         """Build the new inner context first (raising leaves the old one in place), then
         swap it in for new connections; open connections are untouched."""
-        self.current = self._build(tls)
+        self.use(self.prepare(tls))
+
+    def prepare(self, tls: TlsConfig) -> ssl.SSLContext:
+        """The inner context `tls` describes, built but not yet in use (raises on bad
+        material, changing nothing)."""
+        return self._build(tls)
+
+    def use(self, context: ssl.SSLContext) -> None:
+        """Serve new connections with a context `prepare` built."""
+        self.current = context
 
     def _build(self, tls: TlsConfig) -> ssl.SSLContext:
         context = server_context(tls)
