@@ -6,6 +6,7 @@ and removing a validator, and certificate rotation, get clusters of their own.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import ssl
@@ -164,7 +165,7 @@ async def test_valid_reload_reports_what_changed(cluster: Cluster, nodes: LiveCl
         await reload(cluster, nodes, 1, "success")
 
 
-def _annactl_reload(nodes: LiveCluster) -> subprocess.CompletedProcess[str]:
+def _annactl_reload(nodes: LiveCluster, *options: str) -> subprocess.CompletedProcess[str]:
     node_dir = nodes.layout.node_dir(1)
     return subprocess.run(
         [
@@ -176,11 +177,43 @@ def _annactl_reload(nodes: LiveCluster) -> subprocess.CompletedProcess[str]:
             str(node_dir / "annad.pid"),
             "--audit-log",
             str(node_dir / "audit.jsonl"),
+            *options,
         ],
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+async def test_annactl_reload_confirms_through_the_node_when_told_which(
+    nodes: LiveCluster,
+) -> None:
+    """With --node (and TLS files given as flags, no peers.yml) the result comes from the
+    node's /rpc/status; the audit log is not read (here: a path that does not exist)."""
+    node_dir = nodes.layout.node_dir(1)
+    tls_options = [
+        *("--peers", str(node_dir / "no-such-peers.yml")),
+        *("--ca-cert", str(nodes.layout.directory / "ca" / "ca.pem")),
+        *("--client-cert", str(node_dir / "tls" / "node_001.pem")),
+        *("--client-key", str(node_dir / "tls" / "node_001.key")),
+    ]
+    url = f"https://127.0.0.1:{nodes.endpoint(1).rpc_port}"
+    good = await trio.to_thread.run_sync(
+        lambda: _annactl_reload(
+            nodes, "--node", url, "--json", *tls_options, "--audit-log", "/nonexistent"
+        )
+    )
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["result"] == "success"
+    original = peers_file(nodes, 1).read_text()
+    try:
+        write_peers(nodes, 1, _duplicate_id(read_peers(nodes, 1)))
+        bad = await trio.to_thread.run_sync(
+            lambda: _annactl_reload(nodes, "--node", url, *tls_options)
+        )
+    finally:
+        write_peers(nodes, 1, original)
+    assert bad.returncode == 1 and "duplicate node id" in bad.stderr, (bad.stdout, bad.stderr)
 
 
 async def test_annactl_reload_reports_the_outcome(nodes: LiveCluster) -> None:

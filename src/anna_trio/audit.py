@@ -26,8 +26,8 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import trio
 
 from . import durable, failpoints
 from ._exceptions import StateError
+from .models import format_utc_ms
 from .seams import BlockingRunner
 
 GENESIS_HASH = "0" * 64
@@ -59,7 +60,7 @@ def entry_hash(prev_hash: str, entry_without_hash: dict[str, Any]) -> str:
 
 def utc_now_rfc3339() -> str:
     """Now as RFC 3339 UTC with milliseconds and a `Z`."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return format_utc_ms(time.time())
 
 
 class IdReservation:

@@ -131,6 +131,11 @@ def format_utc(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def format_utc_ms(wall: float) -> str:
+    """Unix seconds as RFC 3339 UTC with milliseconds and a `Z` (audit entries, reloads)."""
+    return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
 def _require_str(data: dict[str, Any], key: str, pattern: re.Pattern[str]) -> str:
     value = data[key]
     if not isinstance(value, str) or not pattern.fullmatch(value):

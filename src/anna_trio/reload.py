@@ -16,7 +16,6 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from datetime import UTC, datetime
 from functools import partial
 
 import attrs
@@ -27,7 +26,7 @@ from ._exceptions import ConfigError
 from .audit import AuditLog
 from .config import diff_peers, self_port_change
 from .metrics import Metrics
-from .models import ClusterConfig, format_utc
+from .models import ClusterConfig, format_utc_ms
 from .node import Node
 from .peers import PeerSupervisor
 from .rpc.server import RpcServer
@@ -104,7 +103,7 @@ class Reloader:
 
     async def reload(self) -> None:
         systemd.notify("RELOADING=1")
-        at = format_utc(datetime.fromtimestamp(self._clock.wall(), UTC))
+        at = format_utc_ms(self._clock.wall())
         try:
             plan = await trio.to_thread.run_sync(self._plan)
         except (ConfigError, OSError, ValueError) as exc:

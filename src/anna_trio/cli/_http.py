@@ -12,7 +12,8 @@ DEFAULT_PEERS = "/etc/anna/peers.yml"
 REQUEST_BUDGET = 15.0
 
 
-def add_node_arguments(parser: Any) -> None:
+def add_node_arguments(parser: Any, *, json_output: bool = True) -> None:
+    """The options of every command that talks to a running node, the same everywhere."""
     parser.add_argument(
         "--node",
         help="node URL (default https://127.0.0.1:8001, http when peers.yml allows insecure peers)",
@@ -22,20 +23,42 @@ def add_node_arguments(parser: Any) -> None:
         default=os.environ.get("ANNA_PEERS", DEFAULT_PEERS),
         help="peers.yml for TLS client settings",
     )
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--ca-cert", metavar="FILE", help="cluster CA (default: peers.yml's)")
+    parser.add_argument(
+        "--client-cert", metavar="FILE", help="client certificate (default: peers.yml's)"
+    )
+    parser.add_argument("--client-key", metavar="FILE", help="its key (default: peers.yml's)")
+    if json_output:
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _client_tls(peers_file: Path) -> tuple[ssl.SSLContext | None, bool]:
-    """(client context, insecure allowed) from peers.yml; no file means plain defaults."""
-    if not peers_file.exists():
-        return None, False
-    from ..config import load_cluster_config
+def _client_tls(args: Any) -> tuple[ssl.SSLContext | None, bool]:
+    """(client context, insecure allowed) from peers.yml, each file overridable by its
+    flag; no peers.yml and no flags means plain defaults."""
+    import attrs
+
+    from ..models import TlsConfig
     from ..tls import client_context
 
-    config = load_cluster_config(peers_file, node_id=None, check_tls_files=False)
-    if config.tls.enabled:
-        return client_context(config.tls), config.allow_insecure_peers
-    return None, config.allow_insecure_peers
+    overrides = {
+        key: Path(value)
+        for key, value in (
+            ("ca_cert", args.ca_cert),
+            ("client_cert", args.client_cert),
+            ("client_key", args.client_key),
+        )
+        if value
+    }
+    peers_file = Path(args.peers)
+    tls, insecure = TlsConfig(), False
+    if peers_file.exists():
+        from ..config import load_cluster_config
+
+        config = load_cluster_config(peers_file, node_id=None, check_tls_files=False)
+        tls, insecure = config.tls, config.allow_insecure_peers
+    if overrides:
+        tls = attrs.evolve(tls, enabled=True, **overrides)
+    return (client_context(tls) if tls.enabled else None), insecure
 
 
 def call(
@@ -46,7 +69,7 @@ def call(
 
     from ..transport.client import HttpClient
 
-    context, insecure = _client_tls(Path(args.peers))
+    context, insecure = _client_tls(args)
     url = args.node or (
         "http://127.0.0.1:8001" if insecure and context is None else "https://127.0.0.1:8001"
     )

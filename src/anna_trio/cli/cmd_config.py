@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="also require this node in the peer list (default: $ANNA_NODE_ID or $NODE_ID "
         "when set)",
     )
+    check.add_argument("--json", action="store_true", help="the result as one JSON object")
     check.set_defaults(handler=check_handler)
 
 
@@ -45,11 +47,22 @@ def check_handler(args: argparse.Namespace) -> int:
     try:
         cluster = load_cluster_config(peers_file, node_id=node_id)
     except ConfigError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "problems": exc.problems}))
+            return EXIT_CONFIG
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         count = len(exc.problems)
         print(f"FAILED: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.json:
+        summary = {
+            "peers": len(cluster.peers),
+            "quorum": cluster.quorum,
+            "tls": cluster.tls.enabled,
+        }
+        print(json.dumps({"ok": True, "problems": [], **summary}))
+        return 0
     tls = "on" if cluster.tls.enabled else "off"
     print(
         f"OK: {len(cluster.peers)} peers, quorum {cluster.quorum} ({cluster.quorum_rule}), "

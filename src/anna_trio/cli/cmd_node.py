@@ -40,7 +40,10 @@ def register(commands: Any) -> None:
     reconcile.set_defaults(handler=_reconcile)
 
     reload = commands.add_parser(
-        "reload", help="SIGHUP the daemon and wait for the reload's result"
+        "reload",
+        help="SIGHUP the daemon and wait for the reload's result",
+        description="Send SIGHUP to the daemon named by --pid-file and wait for the result: "
+        "in its audit log, or with --node in its /rpc/status.",
     )
     reload.add_argument(
         "--pid-file", default=os.environ.get("ANNA_PID_FILE", "/run/anna/annad.pid")
@@ -48,6 +51,7 @@ def register(commands: Any) -> None:
     reload.add_argument(
         "--audit-log", default=os.environ.get("ANNA_AUDIT_LOG", "/var/log/anna/audit.jsonl")
     )
+    add_node_arguments(reload)
     reload.set_defaults(handler=_reload)
 
     sim = commands.add_parser("sim", help="crafted observations for drills and testnet scenarios")
@@ -171,22 +175,49 @@ def _reload(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         return _fail(f"cannot read pid file {pid_file}: {exc}")
     offset = audit_log.stat().st_size if audit_log.exists() else 0
+    before = None
+    if args.node:
+        status = _expect(args, "GET", "/rpc/status", 200, "status")
+        if isinstance(status, int):
+            return status
+        before = status["last_reload"]
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
         return _fail(f"no process {pid} (stale pid file {pid_file}?)")
     deadline = time.monotonic() + RELOAD_WAIT
     while time.monotonic() < deadline:
-        entry = _reload_entry_after(audit_log, offset)
-        if entry is not None:
-            if entry.get("result") == "success":
+        outcome = _reload_outcome(args, before, audit_log, offset)
+        if isinstance(outcome, int):
+            return outcome
+        if outcome is not None:
+            if args.json:
+                print(json.dumps(outcome, sort_keys=True))
+            elif outcome.get("result") == "success":
                 print(
-                    f"reload succeeded: added {entry.get('added')}, removed {entry.get('removed')}, changed {entry.get('changed')}"
+                    f"reload succeeded: added {outcome.get('added')}, removed "
+                    f"{outcome.get('removed')}, changed {outcome.get('changed')}"
                 )
+            if outcome.get("result") == "success":
                 return 0
-            return _fail(f"reload failed: {entry.get('error')}")
+            return _fail(f"reload failed: {outcome.get('error')}")
         time.sleep(0.1)
-    return _fail(f"no reload result in {audit_log} after {RELOAD_WAIT:.0f} s")
+    where = args.node if args.node else str(audit_log)
+    return _fail(f"no reload result from {where} after {RELOAD_WAIT:.0f} s")
+
+
+def _reload_outcome(
+    args: argparse.Namespace, before: Any, audit_log: Path, offset: int
+) -> dict[str, Any] | int | None:
+    """The reload's result once it is known: the node's last_reload once it changed
+    (with --node), else the first peer_reload entry the audit log gained."""
+    if not args.node:
+        return _reload_entry_after(audit_log, offset)
+    status = _expect(args, "GET", "/rpc/status", 200, "status")
+    if isinstance(status, int):
+        return status
+    last = status["last_reload"]
+    return dict(last) if last != before else None
 
 
 def _reload_entry_after(audit_log: Path, offset: int) -> dict[str, Any] | None:

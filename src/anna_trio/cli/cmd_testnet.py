@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 
 def register(commands: Any) -> None:
@@ -29,6 +32,10 @@ def register(commands: Any) -> None:
                 "--compose", action="store_true", help="peer addresses anna-node-N (containers)"
             )
             parser.add_argument("--force", action="store_true", help="recreate a non-empty folder")
+        if name in ("up", "run", "scenarios"):
+            parser.add_argument(
+                "--json", action="store_true", help="the endpoints and results as JSON lines"
+            )
         parser.set_defaults(handler=handler)
 
 
@@ -58,18 +65,21 @@ def _up(args: argparse.Namespace) -> int:
         down(layout)
         print(f"annactl: {exc}", file=sys.stderr)
         return 1
-    _print_endpoints(layout)
+    _print_endpoints(layout, args.json)
     return 0
 
 
-def _print_endpoints(layout: Any) -> None:
+def _print_endpoints(layout: Any, as_json: bool) -> None:
     """Each node's RPC and metrics addresses, and its console's URL."""
     scheme = "https" if layout.tls else "http"
     for ep in layout.endpoints:
         metrics = f"http://{ep.host}:{ep.metrics_port}"
-        print(
-            f"{ep.node_id}: rpc {scheme}://{ep.host}:{ep.rpc_port} metrics {metrics} console {metrics}/"
-        )
+        rpc = f"{scheme}://{ep.host}:{ep.rpc_port}"
+        if as_json:
+            node = {"node_id": ep.node_id, "rpc": rpc, "metrics": metrics, "console": metrics + "/"}
+            print(json.dumps(node))
+        else:
+            print(f"{ep.node_id}: rpc {rpc} metrics {metrics} console {metrics}/")
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -90,8 +100,12 @@ def _scenarios(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"annactl: {exc}", file=sys.stderr)
         return 1
-    print(summary_table(results))
-    print(f"artifacts in {args.dir}")
+    if args.json:
+        for result in results:
+            print(json.dumps(attrs.asdict(result), sort_keys=True))
+    else:
+        print(summary_table(results))
+        print(f"artifacts in {args.dir}")
     return 0 if all(r.passed for r in results) else 1
 
 
@@ -105,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"testnet initialised in {layout.directory}; starting 3 nodes (mTLS)")
     try:
         up(layout)
-        _print_endpoints(layout)
+        _print_endpoints(layout, args.json)
         return _scenarios(args)
     except RuntimeError as exc:
         print(f"annactl: {exc}", file=sys.stderr)
