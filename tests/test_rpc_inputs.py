@@ -318,7 +318,8 @@ async def test_second_different_observation_is_409_byzantine(
 async def test_repeated_idempotency_key_gets_the_original_answer(
     cluster: LiveCluster, rpc: httpx.AsyncClient, crafted: Crafter
 ) -> None:
-    """Every repeat of an Idempotency-Key gets the first answer, status and body alike."""
+    """Every repeat of an Idempotency-Key gets the first answer, status and body alike;
+    the key with another body is refused (and that body is not acted on)."""
     round_id = crafted.round_id("idem")
     obs = crafted.observation(round_id)
     headers = {"Idempotency-Key": f"key-{round_id}"}
@@ -328,8 +329,8 @@ async def test_repeated_idempotency_key_gets_the_original_answer(
     assert [(a.status_code, a.json()) for a in answers] == [(200, ACCEPTED)] * 3
     assert len({a.content for a in answers}) == 1
     other = crafted.observation(round_id, tis=0.1)
-    replay = await rpc.post("/rpc/submit", json={"observation": other}, headers=headers)
-    assert (replay.status_code, replay.content) == (200, answers[0].content)
+    reused = await rpc.post("/rpc/submit", json={"observation": other}, headers=headers)
+    assert assert_error(reused, 422)["error"] == "idempotency_key_reused"  # nothing was done
     plain = await rpc.post("/rpc/submit", json={"observation": obs})
     assert (plain.status_code, plain.json()) == (200, DUPLICATE)
 
