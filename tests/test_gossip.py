@@ -23,9 +23,8 @@ import trio.testing
 
 from anna_trio import crypto
 from anna_trio.audit import AuditIdAllocator, AuditLog
-from anna_trio.config import ObserverConfig
 from anna_trio.metrics import Metrics
-from anna_trio.models import ClusterConfig, Limits, PeerConfig
+from anna_trio.models import ClusterConfig, Limits, ObserverConfig, PeerConfig
 from anna_trio.node import OWN_ANSWER_WAIT, Node
 from anna_trio.observer import ConfiguredObserver, Measurement
 from anna_trio.policy import RELAY_LINGER, STUCK_ROUND_FRACTION

@@ -15,9 +15,8 @@ import trio.testing
 
 from anna_trio import crypto
 from anna_trio.audit import AuditIdAllocator, AuditLog
-from anna_trio.config import ObserverConfig
 from anna_trio.metrics import Metrics
-from anna_trio.models import ClusterConfig, Observation, PeerConfig
+from anna_trio.models import ClusterConfig, Observation, ObserverConfig, PeerConfig
 from anna_trio.node import Node, SubmitOutcome
 from anna_trio.observer import ConfiguredObserver
 from anna_trio.outbox import PeerOutbox

@@ -27,7 +27,15 @@ from ruamel.yaml.scalarbool import ScalarBoolean
 from . import __version__
 from ._exceptions import ConfigError
 from .crypto import parse_public_key
-from .models import NODE_ID_RE, QUORUM_RULES, ClusterConfig, Limits, PeerConfig, TlsConfig
+from .models import (
+    NODE_ID_RE,
+    QUORUM_RULES,
+    ClusterConfig,
+    Limits,
+    ObserverConfig,
+    PeerConfig,
+    TlsConfig,
+)
 
 DEFAULT_CONFIG_FILE = Path("/etc/anna/annad.yml")
 DEFAULT_STATE_DIR = Path("/var/lib/anna")
@@ -92,16 +100,6 @@ _HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 _PORT_RE = re.compile(r"^[0-9]{1,5}$")
 _FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
 _INVALID = object()  # an annad.yml value that was present but wrong (already reported)
-
-
-@attrs.frozen
-class ObserverConfig:
-    """What this node measures each round: a synthetic TIS or a mirror-audit JSON file."""
-
-    kind: str = "synthetic"
-    tis: float = 0.85
-    jitter: float = 0.01
-    path: Path | None = None
 
 
 @attrs.frozen

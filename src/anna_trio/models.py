@@ -219,6 +219,17 @@ class Evidence:
         return self.first.round_id
 
 
+@attrs.frozen
+class ObserverConfig:
+    """What this node measures each round (annad.yml's `observer:`): a synthetic TIS or
+    a mirror-audit JSON file."""
+
+    kind: str = "synthetic"
+    tis: float = 0.85
+    jitter: float = 0.01
+    path: Path | None = None
+
+
 # --- cluster configuration (peers.yml, SPEC §6) -------------------------------------
 
 QUORUM_RULES = ("majority", "two_thirds")

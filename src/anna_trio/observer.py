@@ -12,8 +12,7 @@ from typing import Any
 import attrs
 import trio
 
-from .config import ObserverConfig
-from .models import BIAS_FLAG_RE, HASH_RE, TisComponents
+from .models import BIAS_FLAG_RE, HASH_RE, ObserverConfig, TisComponents
 
 log = logging.getLogger("anna.observer")
 
