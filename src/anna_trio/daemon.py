@@ -25,7 +25,7 @@ from .audit import AuditIdAllocator, AuditLog
 from .config import Settings, diff_peers, load_cluster_config, self_port_change
 from .coordinator import RoundCoordinator
 from .metrics import Metrics
-from .models import ClusterConfig, format_utc
+from .models import ClusterConfig, Limits, format_utc
 from .node import Node
 from .observer import Observer
 from .peers import PeerSupervisor
@@ -145,12 +145,19 @@ class Daemon:
         )
         rpc_http = HttpServer(
             rpc.handle,
+            limits=lambda: rpc.limits,
             ssl_context=server_ssl,
-            max_body_bytes=rpc.max_body_bytes,
+            trust=rpc,
             count_error=lambda kind: self.metrics.http_errors.labels("rpc", kind).inc(),
+            count_dropped=lambda reason: self.metrics.rpc_connections_dropped.labels(reason).inc(),
+            on_tls_failure=lambda reason: self.metrics.tls_handshake_failures.labels(
+                "server", reason
+            ).inc(),
         )
+        self.metrics.watch_rpc_connections(rpc_http.statistics)
         metrics_http = HttpServer(
             metrics_server.handle,
+            limits=Limits,
             count_error=lambda kind: self.metrics.http_errors.labels("metrics", kind).inc(),
         )
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -210,12 +217,7 @@ class Daemon:
     def _make_server_tls(self, config: ClusterConfig) -> ssl.SSLContext | None:
         if not config.tls.enabled:
             return None
-        self._server_tls = ReloadableServerContext(
-            config.tls,
-            on_handshake_failure=lambda reason: self.metrics.tls_handshake_failures.labels(
-                "server", reason
-            ).inc(),
-        )
+        self._server_tls = ReloadableServerContext(config.tls)
         return self._server_tls.context
 
     def _write_pid(self) -> None:

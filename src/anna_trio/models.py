@@ -243,12 +243,25 @@ class PeerConfig:
 
 @attrs.frozen
 class Limits:
-    """Server-side limits (`limits:` in peers.yml)."""
+    """Server-side limits (`limits:` in peers.yml); times in seconds.
+
+    The connection bounds are the RPC listener's (anna_trio.transport): a validator is
+    known before the TLS handshake by its peers.yml address, after it by its
+    certificate's CN; everyone else shares `max_connections -
+    validator_connection_reserve` slots, at most `max_connections_per_address` each.
+    """
 
     rate_per_client: float = 100.0
     burst: int = 200
     max_body_bytes: int = 64 * 1024
     request_timeout: float = 5.0
+    max_connections: int = 512
+    max_connections_per_address: int = 32
+    validator_connection_reserve: int = 64
+    max_pending_handshakes: int = 64
+    handshake_timeout: float = 5.0
+    send_timeout: float = 10.0
+    keep_alive_timeout: float = 15.0
 
 
 @attrs.frozen

@@ -344,8 +344,7 @@ class PeerSupervisor:
             )
 
         def count_failure(reason: str) -> None:
-            # Identity refusals carry detail after a colon; the label keeps only the kind.
-            self._metrics.tls_handshake_failures.labels("client", reason.split(":")[0]).inc()
+            self._metrics.tls_handshake_failures.labels("client", reason).inc()
 
         return HttpClient(
             peer.address,
