@@ -17,7 +17,7 @@ from anna_trio.audit import AuditIdAllocator, AuditLog
 from anna_trio.config import ObserverConfig
 from anna_trio.metrics import Metrics
 from anna_trio.models import ClusterConfig, PeerConfig
-from anna_trio.node import Node, round_view_json
+from anna_trio.node import SYNC_ANSWER_ITEMS, Node, round_view_json
 from anna_trio.observer import Observer
 from anna_trio.rpc.server import ROUND_ANSWER_CACHE, RpcServer
 from anna_trio.transport.server import Request, json_response
@@ -269,3 +269,26 @@ async def test_repeats_of_a_key_in_flight_together_start_one_round(
 
 async def _no_reconcile() -> int:
     return 0
+
+
+async def test_a_sync_answer_is_capped_and_the_rest_comes_on_the_next_pull(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An asker that lacks everything gets SYNC_ANSWER_ITEMS observations and `more`;
+    pulling again with what it got brings the rest, and then `more` is false."""
+    others = [f"node_{n:03d}" for n in range(2, 42)]
+    async with started(tmp_path, *others) as node:
+        rounds = [f"c{i}" for i in range(RETAIN)]
+        for round_id in rounds:
+            await node.start_round(round_id, 24)
+            batch = [signed_observation(peer, round_id).to_dict() for peer in others]
+            await node.ingest({"observations": batch})
+        held: dict[str, list[str]] = {}
+        answers = []
+        while not answers or answers[-1]["more"]:
+            answers.append(node.sync_answer({"summary": held}).body)
+            for obs in answers[-1]["observations"]:
+                held.setdefault(obs["round_id"], []).append(obs["node_id"])
+        sizes = [len(answer["observations"]) for answer in answers]
+        assert sizes == [SYNC_ANSWER_ITEMS, RETAIN * 41 - SYNC_ANSWER_ITEMS]
+        assert sum(map(len, held.values())) == RETAIN * 41

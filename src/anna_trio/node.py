@@ -46,6 +46,7 @@ log = logging.getLogger("anna.node")
 STATUS_ROUNDS = 100
 RETAINED_ROUNDS = 1000
 SYNC_ROUNDS = 100
+SYNC_ANSWER_ITEMS = 128  # observations + 2 x evidence per sync answer; "more": ask again
 AVERAGE_WINDOW = 100
 MAX_BATCH_ITEMS = 256
 STATE_WRITE_INTERVAL = 1.0
@@ -489,7 +490,10 @@ class Node:
             for k in known_evidence
             if isinstance(k, list) and len(k) == 2 and all(isinstance(x, str) for x in k)
         }
+        lacking = [e for e in self.engine.evidence() if (e.node_id, e.round_id) not in held]
+        evidence = lacking[: SYNC_ANSWER_ITEMS // 2]
         missing = self.engine.observations_missing_from(summary, SYNC_ROUNDS)
+        room = SYNC_ANSWER_ITEMS - 2 * len(evidence)
         rounds = [
             {"round_id": round_id, "window_hours": window}
             for round_id, window in self.engine.recent_windows(SYNC_ROUNDS)
@@ -499,12 +503,12 @@ class Node:
             200,
             {
                 "rounds": rounds,
-                "observations": [o.to_dict() for o in missing],
+                "observations": [o.to_dict() for o in missing[:room]],
                 "evidence": [
-                    {"first": e.first.to_dict(), "second": e.second.to_dict()}
-                    for e in self.engine.evidence()
-                    if (e.node_id, e.round_id) not in held
+                    {"first": e.first.to_dict(), "second": e.second.to_dict()} for e in evidence
                 ],
+                # Capped: the asker pulls again at once for what did not fit.
+                "more": len(missing) > room or len(lacking) > len(evidence),
             },
         )
 

@@ -215,7 +215,9 @@ class PeerLink:
             payload = response.json()
         except PeerError:
             return False
-        await self._node.ingest(payload)
+        taken = await self._node.ingest(payload)
+        if isinstance(payload, dict) and payload.get("more") is True and taken.body.get("accepted"):
+            self.request_pull()  # a capped answer that brought news: the rest comes now
         return True
 
     async def _call(self, client: HttpClient, path: str, body: bytes) -> Response | Unanswered:
