@@ -126,6 +126,7 @@ def test_every_setting_is_read(tmp_path: Path) -> None:
           handshake_timeout: 1.5
           send_timeout: 2
           keep_alive_timeout: 3
+          max_outsider_requests: 2
         """)
     config = load_cluster_config(write(tmp_path, text), node_id=None)
     assert (config.quorum_rule, config.quorum) == ("two_thirds", 3)
@@ -143,6 +144,7 @@ def test_every_setting_is_read(tmp_path: Path) -> None:
         handshake_timeout=1.5,
         send_timeout=2.0,
         keep_alive_timeout=3.0,
+        max_outsider_requests=2,
     )
 
 

@@ -270,3 +270,63 @@ async def wait_until(condition: Callable[[], bool]) -> None:
     with trio.fail_after(5):
         while not condition():  # noqa: ASYNC110 - the server counts in its own task
             await trio.sleep(0.01)
+
+
+# --- outsiders' turns and Retry-After -----------------------------------------------------
+
+
+async def test_outsiders_requests_take_turns_validators_do_not_wait() -> None:
+    """With one outsider turn, a second outsider's request waits for the first to be
+    answered; a validator's is answered while both outsiders are held."""
+    release = trio.Event()
+    entered: list[str] = []
+
+    async def slow_for_outsiders(request: Request) -> Response:
+        entered.append(request.client)
+        if request.client != VALIDATOR:
+            await release.wait()
+        return json_response(200, {})
+
+    one_turn = attrs.evolve(LIMITS, max_outsider_requests=1)
+    server = HttpServer(slow_for_outsiders, limits=lambda: one_turn, trust=Trusted())
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        async with (
+            await tcp_from("127.0.0.2", port) as first,
+            await tcp_from("127.0.0.3", port) as second,
+            await tcp_from(VALIDATOR, port) as validator,
+        ):
+            await first.send_all(GET)
+            await wait_until(lambda: entered == ["127.0.0.2"])
+            await second.send_all(GET)
+            assert (await answer(validator)).startswith(b"HTTP/1.1 200")
+            assert entered == ["127.0.0.2", VALIDATOR]
+            release.set()
+            assert (await first.receive_some(65536)).startswith(b"HTTP/1.1 200")
+            assert (await second.receive_some(65536)).startswith(b"HTTP/1.1 200")
+        await server.shutdown()
+
+
+async def test_a_connection_told_retry_after_is_not_read_before_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Pipelined requests past a 429 wait out its Retry-After on that connection: a
+    client that queued thousands gets one answer per Retry-After, not thousands."""
+    answered_at: list[float] = []
+
+    async def limited(request: Request) -> Response:
+        answered_at.append(trio.current_time())
+        return json_response(429, {}, (("retry-after", "2"),))
+
+    server = HttpServer(limited, limits=lambda: LIMITS, trust=Trusted())
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        async with await tcp_from("127.0.0.2", port) as stream:
+            started = trio.current_time()
+            await stream.send_all(GET * 100)
+            with trio.move_on_after(5):
+                while True:  # read on, so nothing but the hold-off can slow the server
+                    await stream.receive_some(65536)
+        await server.shutdown()
+    before_shutdown = [round(t - started) for t in answered_at if t - started < 5]
+    assert before_shutdown == [0, 2, 4]

@@ -69,6 +69,7 @@ _LIMIT_KEYS = (
     "handshake_timeout",
     "send_timeout",
     "keep_alive_timeout",
+    "max_outsider_requests",
 )
 MAX_CONNECTIONS_CEILING = 1_000_000
 _OBSERVER_KEYS = {"synthetic": ("kind", "tis", "jitter"), "file": ("kind", "path")}
@@ -578,6 +579,7 @@ def _parse_limits(top: _Section) -> Limits:
         handshake_timeout=seconds("handshake_timeout", defaults.handshake_timeout),
         send_timeout=seconds("send_timeout", defaults.send_timeout),
         keep_alive_timeout=seconds("keep_alive_timeout", defaults.keep_alive_timeout),
+        max_outsider_requests=count("max_outsider_requests", defaults.max_outsider_requests),
     )
     if limits.validator_connection_reserve >= limits.max_connections:
         section.error(

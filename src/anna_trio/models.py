@@ -248,7 +248,8 @@ class Limits:
     The connection bounds are the RPC listener's (anna_trio.transport): a validator is
     known before the TLS handshake by its peers.yml address, after it by its
     certificate's CN; everyone else shares `max_connections -
-    validator_connection_reserve` slots, at most `max_connections_per_address` each.
+    validator_connection_reserve` slots, at most `max_connections_per_address` each,
+    and their requests are answered `max_outsider_requests` at a time.
     """
 
     rate_per_client: float = 100.0
@@ -262,6 +263,7 @@ class Limits:
     handshake_timeout: float = 5.0
     send_timeout: float = 10.0
     keep_alive_timeout: float = 15.0
+    max_outsider_requests: int = 16
 
 
 @attrs.frozen

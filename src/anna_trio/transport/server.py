@@ -12,13 +12,16 @@ this module moves bytes and bounds them:
 
 - connections in total, per source address and by class, validators with a reserve of
   their own (`admission.py`), and TLS handshakes in progress, each under its timeout;
+  outsiders' requests are answered a few at a time, so however many pipeline, a
+  validator's request is not queued behind all of them;
 - a request head gets HEADER_TIMEOUT from its first byte, a body BODY_TIMEOUT from the
   end of the head, an idle connection `keep_alive_timeout` from the end of its last
   answer (or its opening) — bytes that start no request, such as a `\\r\\n` every few
   seconds, do not extend it;
 - an answer that the client does not read within `send_timeout` closes the
   connection, and pipelined requests are parsed one by one as they are answered, so a
-  client that never reads holds one answer and at most one read of raw bytes;
+  client that never reads holds one answer and at most one read of raw bytes; after
+  an answer with `Retry-After` (429, 503) the connection is not read for that long;
 - a body over the limit is refused from its Content-Length, before it is read (also
   after `Expect: 100-continue`, which is otherwise answered `100 Continue` before the
   body is read); malformed HTTP, including a repeated Host, Content-Length or
@@ -39,7 +42,7 @@ import logging
 import socket
 import ssl
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -54,8 +57,10 @@ from .tlsstream import TlsStream
 log = logging.getLogger("anna.http")
 
 MAX_HEADER_BYTES = 16 * 1024
-RECEIVE_SIZE = 64 * 1024
-FEED_SIZE = 4 * 1024  # bytes parsed at a time once a read holds more (see _RequestParser)
+# One read per connection at a time: what a client that pipelines and never reads can
+# make this server hold, besides one answer (a TLS record is at most 16 KiB + 256).
+RECEIVE_SIZE = 16 * 1024 + 256
+FEED_SIZE = 1024  # bytes of heads parsed at a time (see _RequestParser)
 HEADER_TIMEOUT = 10.0
 BODY_TIMEOUT = 10.0
 ERROR_SEND_TIMEOUT = 1.0
@@ -88,6 +93,8 @@ class ServerLimits(AdmissionLimits, Protocol):
     def send_timeout(self) -> float: ...
     @property
     def keep_alive_timeout(self) -> float: ...
+    @property
+    def max_outsider_requests(self) -> int: ...
 
 
 class Trust(Protocol):
@@ -152,10 +159,11 @@ class _Malformed(Exception):
 class _RequestParser:
     """Feeds one connection's bytes to llhttp; a completed request waits in `ready`.
 
-    Bytes are parsed FEED_SIZE at a time and parsing stops at the end of a request, so
-    the pipelined requests behind it stay raw bytes until it is answered: a client that
-    pipelines a read full of tiny requests and never reads its answers makes at most
-    one slice of them into Request objects.
+    Heads are parsed FEED_SIZE bytes at a time, a body of known length in one go to its
+    end, and parsing stops at the end of a request, so the pipelined requests behind it
+    stay raw bytes until it is answered: a client that pipelines a read full of tiny
+    requests and never reads its answers makes at most a slice of them into Request
+    objects.
 
     Limits are enforced by raising from a callback, which stops llhttp at once: a body
     over the limit is refused from its Content-Length and never buffered, and a head
@@ -187,6 +195,7 @@ class _RequestParser:
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._body_size = 0
+        self._body_left: int | None = None  # of a body with a Content-Length, once its head is in
 
     def feed(self, data: bytes | bytearray) -> None:
         """Take one read's bytes and parse them up to the end of the next request."""
@@ -196,10 +205,8 @@ class _RequestParser:
     def advance(self) -> None:
         """Parse on until a request is ready, an error, or the end of what was read."""
         while self.unparsed and not self.ready and not self._stopped:
-            if len(self.unparsed) <= FEED_SIZE:
-                chunk, self.unparsed = self.unparsed, memoryview(b"")
-            else:
-                chunk, self.unparsed = self.unparsed[:FEED_SIZE], self.unparsed[FEED_SIZE:]
+            size = FEED_SIZE if self._body_left is None else max(self._body_left, 1)
+            chunk, self.unparsed = self.unparsed[:size], self.unparsed[size:]
             self._feed(chunk)
         if self._stopped:
             self.unparsed = memoryview(b"")
@@ -234,7 +241,7 @@ class _RequestParser:
         self.in_message, self.head_done, self.expects_continue = True, False, False
         self.began_at = self._clock()
         self._fed_in_head = self._head_size = self._body_size = 0
-        self._url, self._headers, self._body = b"", {}, []
+        self._url, self._headers, self._body, self._body_left = b"", {}, [], None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -257,8 +264,10 @@ class _RequestParser:
         if http_1_1 and "host" not in self._headers:
             raise _Malformed("an HTTP/1.1 request needs a Host header")
         length = self._headers.get("content-length")
-        if length is not None and int(length) > self._max_body:  # llhttp checked the digits
-            raise _BodyTooLarge
+        if length is not None:
+            if int(length) > self._max_body:  # llhttp checked the digits
+                raise _BodyTooLarge
+            self._body_left = int(length)
         # RFC 9110 10.1.1: an HTTP/1.0 client's expectation is ignored.
         self.expects_continue = (
             http_1_1 and self._headers.get("expect", "").lower() == "100-continue"
@@ -266,12 +275,15 @@ class _RequestParser:
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
+        if self._body_left is not None:
+            self._body_left -= len(body)
         if self._body_size > self._max_body:
             raise _BodyTooLarge
         self._body.append(body)
 
     def on_message_complete(self) -> None:
         self.in_message = self.expects_continue = False
+        self._body_left = None
         try:
             target = urlsplit(self._url.decode("latin-1"))
         except ValueError as exc:  # "//[" or "http://[::1": an unclosed IPv6 bracket
@@ -344,6 +356,7 @@ class HttpServer:
         self._count_dropped = count_dropped
         self._on_tls_failure = on_tls_failure
         self._table = ConnectionTable()
+        self._outsider_turns = trio.CapacityLimiter(1)
         self._closing = False
         self._idle_scopes: set[trio.CancelScope] = set()
         self._listeners: list[trio.SocketListener] = []
@@ -421,7 +434,7 @@ class HttpServer:
         try:
             stream, peer_name = await self._open(tcp, slot)
             if stream is not None:
-                await self._serve_requests(stream, slot.address, peer_name)
+                await self._serve_requests(stream, slot, peer_name)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Dropped):
             pass
         except Exception:
@@ -439,7 +452,7 @@ class HttpServer:
         if self._ssl is None:
             return tcp, None
         limits = self._limits()
-        tls = TlsStream(tcp, self._ssl, server_side=True)
+        tls = TlsStream(tcp, self._ssl, server_side=True, receive_size=RECEIVE_SIZE)
         with trio.move_on_after(limits.handshake_timeout) as deadline:
             try:
                 await tls.do_handshake()
@@ -459,10 +472,10 @@ class HttpServer:
         return tls, peer_name
 
     async def _serve_requests(
-        self, stream: trio.abc.Stream, client: str, peer_name: str | None
+        self, stream: trio.abc.Stream, slot: Slot, peer_name: str | None
     ) -> None:
         limits = self._limits()
-        parser = _RequestParser(client, peer_name, limits.max_body_bytes, trio.current_time)
+        parser = _RequestParser(slot.address, peer_name, limits.max_body_bytes, trio.current_time)
         while True:
             idle_deadline = trio.current_time() + limits.keep_alive_timeout
             try:
@@ -480,11 +493,40 @@ class HttpServer:
             if ready is None:
                 return
             request, keep_alive = ready
-            response = await self._answer(request)
-            keep_alive = keep_alive and not self._closing
-            await self._send(stream, _encode(response, keep_alive))
+            async with self._turn(slot):
+                response = await self._answer(request)
+                keep_alive = keep_alive and not self._closing
+                answer = _encode(response, keep_alive)
+            await self._send(stream, answer)
             if not keep_alive:
                 return
+            await self._hold_off(_retry_after(response), limits)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, slot: Slot) -> AsyncIterator[None]:
+        """Outsiders' requests are answered `max_outsider_requests` at a time: however
+        many outsiders pipeline, only that many of their tasks are ready to run at once,
+        so a validator's request waits for a few of theirs, not for all of them."""
+        if slot.trusted:
+            yield
+            return
+        self._outsider_turns.total_tokens = self._limits().max_outsider_requests
+        async with self._outsider_turns:
+            yield
+
+    async def _hold_off(self, seconds: float, limits: ServerLimits) -> None:
+        """After an answer that says `Retry-After` (429, 503), read nothing more from
+        this connection for that long (at most the keep-alive timeout): a client that
+        pipelines past its rate limit costs one answer per Retry-After, not one per
+        request it queued. Shutdown ends the wait, as it ends any idle wait."""
+        if seconds <= 0:
+            return
+        with trio.move_on_after(min(seconds, limits.keep_alive_timeout)) as wait:
+            self._idle_scopes.add(wait)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._idle_scopes.discard(wait)
 
     async def _send(self, stream: trio.abc.Stream, data: bytes) -> None:
         """Send all of `data`, or drop the connection of a client that does not read it
@@ -559,6 +601,15 @@ class HttpServer:
                 await stream.send_all(_encode(error_response(status, code, message), False))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+
+def _retry_after(response: Response) -> float:
+    """The seconds of a `Retry-After: N` header (0 without one, or for a date)."""
+    for name, value in response.headers:
+        if name.lower() == "retry-after":
+            with contextlib.suppress(ValueError):
+                return max(0.0, float(value))
+    return 0.0
 
 
 def _encode(response: Response, keep_alive: bool) -> bytes:
