@@ -27,7 +27,7 @@ import trio
 from _common import cpu_seconds
 
 from anna_trio import tls
-from anna_trio.models import TlsConfig
+from anna_trio.models import Limits, TlsConfig
 from anna_trio.transport.client import HttpClient
 from anna_trio.transport.server import HttpServer, Request, Response, json_response
 
@@ -53,7 +53,7 @@ async def _serve(directory: Path) -> None:
     async def handler(request: Request) -> Response:
         return json_response(200, {"success": True, "accepted": 0})
 
-    server = HttpServer(handler, ssl_context=tls.server_context(_config(directory)))
+    server = HttpServer(handler, limits=Limits, ssl_context=tls.server_context(_config(directory)))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve, "127.0.0.1", 0)
         (directory / "port").write_text(str(port))

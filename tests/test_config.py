@@ -119,13 +119,32 @@ def test_every_setting_is_read(tmp_path: Path) -> None:
           burst: 1
           max_body_bytes: 1024
           request_timeout: 0.25
+          max_connections: 100
+          max_connections_per_address: 4
+          validator_connection_reserve: 10
+          max_pending_handshakes: 7
+          handshake_timeout: 1.5
+          send_timeout: 2
+          keep_alive_timeout: 3
+          max_outsider_requests: 2
         """)
     config = load_cluster_config(write(tmp_path, text), node_id=None)
     assert (config.quorum_rule, config.quorum) == ("two_thirds", 3)
     assert config.byzantine_deviation_threshold == 1.0
     assert config.byzantine_window_count == 1000
     assert config.limits == Limits(
-        rate_per_client=2.5, burst=1, max_body_bytes=1024, request_timeout=0.25
+        rate_per_client=2.5,
+        burst=1,
+        max_body_bytes=1024,
+        request_timeout=0.25,
+        max_connections=100,
+        max_connections_per_address=4,
+        validator_connection_reserve=10,
+        max_pending_handshakes=7,
+        handshake_timeout=1.5,
+        send_timeout=2.0,
+        keep_alive_timeout=3.0,
+        max_outsider_requests=2,
     )
 
 
@@ -258,6 +277,36 @@ RULES = [
     ),
     (VALID_INSECURE + "limits:\n  request_timeout: -1\n", "16: limits.request_timeout: must be"),
     (VALID_INSECURE + "limits:\n  rps: 1\n", "16: limits.rps: unknown key"),
+    (
+        VALID_INSECURE + "limits:\n  max_connections: 1\n",
+        "16: limits.max_connections: must be an integer 2..",
+    ),
+    (
+        VALID_INSECURE + "limits:\n  max_connections_per_address: 0\n",
+        "16: limits.max_connections_per_address: must be an integer 1..",
+    ),
+    (
+        VALID_INSECURE + "limits:\n  validator_connection_reserve: -1\n",
+        "16: limits.validator_connection_reserve: must be an integer 0..",
+    ),
+    (
+        VALID_INSECURE + "limits:\n  max_connections: 10\n  validator_connection_reserve: 10\n",
+        "17: limits.validator_connection_reserve: must be less than max_connections (10)",
+    ),
+    (
+        VALID_INSECURE + "limits:\n  max_connections: 10\n",
+        "15: limits.validator_connection_reserve: must be less than max_connections (10)",
+    ),
+    (
+        VALID_INSECURE + "limits:\n  max_pending_handshakes: 0\n",
+        "16: limits.max_pending_handshakes: must be an integer 1..",
+    ),
+    (VALID_INSECURE + "limits:\n  handshake_timeout: 0\n", "16: limits.handshake_timeout: must be"),
+    (VALID_INSECURE + "limits:\n  send_timeout: .nan\n", "16: limits.send_timeout: must be"),
+    (
+        VALID_INSECURE + "limits:\n  keep_alive_timeout: x\n",
+        "16: limits.keep_alive_timeout: must be",
+    ),
     (VALID_INSECURE + "tls: [1]\n", "15: tls: must be a mapping"),
     (VALID_INSECURE + "tls:\n  enabled: 'true'\n", "16: tls.enabled: must be true or false"),
     (VALID_INSECURE + "tls:\n  enabled: false\n  cafile: x\n", "17: tls.cafile: unknown key"),

@@ -713,9 +713,10 @@ def fuzz_sync(target: Target, examples: int) -> None:
         assert response is not None
         answer = check(response)
         if response.status == 200:
-            assert {k: type(v) for k, v in answer.items()} == dict.fromkeys(
-                ("rounds", "observations", "evidence"), list
-            )
+            assert {k: type(v) for k, v in answer.items()} == {
+                **dict.fromkeys(("rounds", "observations", "evidence"), list),
+                "more": bool,
+            }
         else:
             assert response.status == 422, (response.status, answer)
 

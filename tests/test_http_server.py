@@ -1,25 +1,36 @@
-"""The lean HTTP server's clocks, on the autojump clock over real loopback sockets: a
-request head or body that stalls, and an idle keep-alive connection, are closed at
-their own timeout, and a request that arrives whole is answered without waiting."""
+"""The lean HTTP server over real loopback sockets, its clocks on the autojump clock: a
+request head or body that stalls, an idle keep-alive connection (whatever bytes that
+start no request it sends) and a client that does not read are closed at their own
+deadline; framing (pipelining, Expect, repeated headers, llhttp's refusals); no error
+ends the server, and accept errors from exhaustion pause accepting."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import re
 from collections.abc import AsyncIterator
 
+import attrs
 import pytest
 import trio
 import trio.testing
 
+import anna_trio.transport.server as server_module
+from anna_trio.models import Limits
 from anna_trio.transport.server import (
     BODY_TIMEOUT,
     HEADER_TIMEOUT,
-    KEEP_ALIVE_TIMEOUT,
+    RECEIVE_SIZE,
     HttpServer,
     Request,
     Response,
     json_response,
 )
+
+LIMITS = Limits()
+KEEP_ALIVE_TIMEOUT = LIMITS.keep_alive_timeout
 
 
 @pytest.fixture
@@ -27,7 +38,7 @@ async def port() -> AsyncIterator[int]:
     async def echo(request: Request) -> Response:
         return json_response(200, {"length": len(request.body)})
 
-    server = HttpServer(echo)
+    server = HttpServer(echo, limits=lambda: LIMITS)
     async with trio.open_nursery() as nursery:
         yield await nursery.start(server.serve, "127.0.0.1", 0)
         await server.shutdown()
@@ -86,7 +97,8 @@ async def small_port() -> AsyncIterator[int]:
             200, {"method": request.method, "path": request.path, "length": len(request.body)}
         )
 
-    server = HttpServer(echo, max_body_bytes=lambda: 100)
+    small = attrs.evolve(LIMITS, max_body_bytes=100)
+    server = HttpServer(echo, limits=lambda: small)
     async with trio.open_nursery() as nursery:
         yield await nursery.start(server.serve, "127.0.0.1", 0)
         await server.shutdown()
@@ -216,7 +228,7 @@ async def counted_port() -> AsyncIterator[tuple[int, list[str]]]:
             raise RuntimeError("a bug of ours")
         return json_response(200, {"path": request.path})
 
-    server = HttpServer(handler, count_error=counted.append)
+    server = HttpServer(handler, limits=lambda: LIMITS, count_error=counted.append)
     async with trio.open_nursery() as nursery:
         yield await nursery.start(server.serve, "127.0.0.1", 0), counted
         await server.shutdown()
@@ -258,16 +270,14 @@ async def test_an_error_of_ours_outside_the_handler_closes_only_its_connection(
 ) -> None:
     """A failure where no handler runs (here: encoding the answer) is logged with its
     traceback, counted, and ends that connection; the next one is served."""
-    import anna_trio.transport.server as http_module
-
-    real_encode = http_module._encode
+    real_encode = server_module._encode
 
     def encode(response: Response, keep_alive: bool) -> bytes:
         if b"/boom" in response.body:
             raise RuntimeError("cannot encode")
         return real_encode(response, keep_alive)
 
-    monkeypatch.setattr(http_module, "_encode", encode)
+    monkeypatch.setattr(server_module, "_encode", encode)
     port, counted = counted_port
     _, received = await closed_after(port, b"GET /boom HTTP/1.1\r\nhost: t\r\n\r\n")
     assert received == b""
@@ -275,3 +285,222 @@ async def test_an_error_of_ours_outside_the_handler_closes_only_its_connection(
     assert statuses(after) == [200]
     assert counted == ["internal"]  # counted once the failed connection's task is done
     assert "Traceback" in caplog.text and "cannot encode" in caplog.text
+
+
+# --- the idle deadline, the send deadline, pipelining ------------------------------------
+
+
+async def test_bytes_that_start_no_request_do_not_extend_the_idle_deadline(
+    port: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A `\\r\\n` every few seconds used to hold a connection forever: each reset the
+    deadline. The idle deadline runs from the end of the last answer, whatever comes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(HEAD + b"0123456789")
+    answered = trio.current_time()
+    received, closed = b"", False
+    async with stream:
+        with trio.move_on_after(10 * KEEP_ALIVE_TIMEOUT):
+            while not closed:
+                with trio.move_on_after(KEEP_ALIVE_TIMEOUT / 5):
+                    try:
+                        while chunk := await stream.receive_some(65536):
+                            received += chunk
+                    except trio.BrokenResourceError:  # a poke that crossed the close: a reset
+                        pass
+                    closed = True
+                if not closed:
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await stream.send_all(b"\r\n")
+    assert closed and statuses(received) == [200]
+    assert trio.current_time() - answered < KEEP_ALIVE_TIMEOUT + 1
+
+
+@pytest.fixture
+async def dropping_port() -> AsyncIterator[tuple[int, list[str]]]:
+    """A server answering 1 MiB to every request; yields its port and what it dropped."""
+    dropped: list[str] = []
+
+    async def big(request: Request) -> Response:
+        return Response(200, b"x" * (1 << 20))
+
+    server = HttpServer(big, limits=lambda: LIMITS, count_dropped=dropped.append)
+    async with trio.open_nursery() as nursery:
+        yield await nursery.start(server.serve, "127.0.0.1", 0), dropped
+        await server.shutdown()
+
+
+async def test_a_client_that_does_not_read_is_dropped_at_the_send_deadline(
+    dropping_port: tuple[int, list[str]], autojump_clock: trio.testing.MockClock
+) -> None:
+    """Pipelined requests whose answers are never read: once the socket buffers are
+    full, the server waits send_timeout for the client, then closes the connection."""
+    port, dropped = dropping_port
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    started = trio.current_time()
+    await stream.send_all(b"GET /big HTTP/1.1\r\nhost: t\r\n\r\n" * 64)
+    while not dropped:  # noqa: ASYNC110 - the server's clock runs on the autojump clock
+        await trio.sleep(1)
+    assert dropped == ["send_timeout"]
+    assert LIMITS.send_timeout <= trio.current_time() - started < LIMITS.send_timeout + 2
+    with pytest.raises(trio.BrokenResourceError):
+        with trio.fail_after(5):
+            while await stream.receive_some(1 << 20):
+                pass
+            raise trio.BrokenResourceError  # an orderly close after the partial answer
+    await stream.aclose()
+
+
+def test_pipelined_requests_become_requests_one_slice_at_a_time() -> None:
+    """A read full of tiny pipelined requests is parsed FEED_SIZE bytes at a time, up
+    to the next complete request: the rest waits as raw bytes, not Request objects."""
+    one = b"GET /p HTTP/1.1\r\nhost: t\r\n\r\n"
+    parser = server_module._RequestParser("127.0.0.1", None, 100, lambda: 0.0)
+    parser.feed(one * (RECEIVE_SIZE // len(one)))
+    assert 1 <= len(parser.ready) <= server_module.FEED_SIZE // len(one) + 1
+    answered = 0
+    while parser.ready:
+        parser.ready.popleft()
+        answered += 1
+        parser.advance()
+        assert len(parser.ready) <= server_module.FEED_SIZE // len(one) + 1
+    assert answered == RECEIVE_SIZE // len(one)
+
+
+async def test_thousands_of_pipelined_requests_are_all_answered_in_order(port: int) -> None:
+    sent = b"".join(
+        b"POST /%d HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n%s" % (i, i % 7, b"z" * (i % 7))
+        for i in range(3000)
+    )
+    _, received = await closed_after(
+        port, sent + b"GET /last HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
+    )
+    assert statuses(received) == [200] * 3001
+    lengths = re.findall(rb'\{"length":(\d+)\}', received)
+    assert [int(n) for n in lengths] == [i % 7 for i in range(3000)] + [0]
+
+
+# --- Expect: 100-continue and repeated headers -------------------------------------------
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_read(small_port: int) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", small_port)
+    with trio.fail_after(5):
+        await stream.send_all(
+            b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\nexpect: 100-Continue\r\n\r\n"
+        )
+        interim = await stream.receive_some(65536)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        await stream.send_all(b"body")
+        answer = await stream.receive_some(65536)
+    assert statuses(answer) == [200]
+    assert answer.endswith(b'"length":4}')
+    await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        pytest.param(
+            b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 1000\r\nexpect: 100-continue\r\n\r\n",
+            [413],
+            id="too-large-refused-unread",
+        ),
+        pytest.param(
+            b"POST /x HTTP/1.0\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\nbody",
+            [200],
+            id="http-1.0-expectation-ignored",
+        ),
+        pytest.param(
+            b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\nexpect: 100-continue\r\n"
+            b"connection: close\r\n\r\nbody",
+            [200],
+            id="body-sent-anyway",
+        ),
+    ],
+)
+async def test_expect_100_continue_gets_no_interim_answer_when_none_is_due(
+    small_port: int, head: bytes, expected: list[int], autojump_clock: trio.testing.MockClock
+) -> None:
+    _, received = await closed_after(small_port, head)
+    assert statuses(received) == expected
+    assert b"100 Continue" not in received
+
+
+@pytest.mark.parametrize("name", [b"Host", b"Content-Length", b"Idempotency-Key"])
+async def test_a_repeated_single_header_is_a_400(small_port: int, name: bytes) -> None:
+    """Two values where the server can act on one only: which one would be a guess."""
+    value = b"4" if name == b"Content-Length" else b"k"
+    sent = (
+        b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\nidempotency-key: k\r\n"
+        + name
+        + b": "
+        + value
+        + b"\r\n\r\nbody"
+    )
+    _, received = await closed_after(small_port, sent)
+    assert statuses(received) == [400]
+
+
+async def test_other_repeated_headers_are_joined_in_order() -> None:
+    seen: list[dict[str, str]] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request.headers)
+        return json_response(200, {})
+
+    server = HttpServer(handler, limits=lambda: LIMITS)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        sent = b"GET /x HTTP/1.1\r\nhost: t\r\nx-a: 1\r\nX-A: 2 \r\nconnection: close\r\n\r\n"
+        _, received = await closed_after(port, sent)
+        await server.shutdown()
+    assert statuses(received) == [200]
+    assert seen[0]["x-a"] == "1, 2"
+
+
+# --- accept errors -----------------------------------------------------------------------
+
+
+class FailingListener:
+    """A listener whose accept fails with `errors` in turn, then reports itself closed."""
+
+    def __init__(self, *errors: OSError) -> None:
+        self.errors = list(errors)
+
+    async def accept(self) -> trio.SocketStream:
+        await trio.lowlevel.checkpoint()
+        if self.errors:
+            raise self.errors.pop(0)
+        raise trio.ClosedResourceError
+
+
+async def test_running_out_of_descriptors_pauses_accepting(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EMFILE, ENFILE, ENOMEM, ENOBUFS: log, wait ACCEPT_BACKOFF, try again (trio's
+    serve_listeners); a busy loop would starve every connection already open."""
+    server = HttpServer(echo_nothing, limits=lambda: LIMITS)
+    listener = FailingListener(*(OSError(code, os.strerror(code)) for code in CAPACITY_ERRORS))
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await server._accept(listener, nursery)  # type: ignore[arg-type]
+    assert trio.current_time() - started == pytest.approx(
+        len(CAPACITY_ERRORS) * server_module.ACCEPT_BACKOFF
+    )
+    assert caplog.text.count("accept failed") == len(CAPACITY_ERRORS)
+
+
+async def test_any_other_accept_error_is_raised() -> None:
+    server = HttpServer(echo_nothing, limits=lambda: LIMITS)
+    failing = FailingListener(OSError(errno.EBADF, "Bad file descriptor"))
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(OSError, match="Bad file"):
+            await server._accept(failing, nursery)  # type: ignore[arg-type]
+
+
+CAPACITY_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
+
+
+async def echo_nothing(request: Request) -> Response:
+    return json_response(200, {})

@@ -17,7 +17,7 @@ from anna_trio import crypto
 from anna_trio.audit import AuditIdAllocator, AuditLog
 from anna_trio.metrics import Metrics
 from anna_trio.models import ClusterConfig, Observation, ObserverConfig, PeerConfig
-from anna_trio.node import Node, SubmitOutcome
+from anna_trio.node import SYNC_ANSWER_ITEMS, Node, SubmitOutcome
 from anna_trio.observer import ConfiguredObserver
 from anna_trio.outbox import PeerOutbox
 from anna_trio.rpc.server import ROUND_ANSWER_CACHE, RpcServer
@@ -26,7 +26,7 @@ from anna_trio.seams import Clock, Outbox
 from anna_trio.state.migration import migrate_state
 from anna_trio.state.statefile import StateFile
 from anna_trio.transport.server import Request, json_response
-from anna_trio.wire import Batch, parse_batch, parse_sync_request
+from anna_trio.wire import Batch, SyncAnswer, parse_batch, parse_sync_request
 from inline_store import InlineStore
 from strategies import node_pubkey_hex, signed_observation
 
@@ -445,3 +445,25 @@ async def test_a_duplicate_is_answered_only_once_its_original_is_durable(
         assert answered == [SubmitOutcome.DUPLICATE]
         nursery.cancel_scope.cancel()
     store.close()
+
+
+async def test_a_sync_answer_is_capped_and_the_rest_comes_on_the_next_pull(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An asker that lacks everything gets SYNC_ANSWER_ITEMS observations and `more`;
+    pulling again with what it got brings the rest, and then `more` is false."""
+    others = [f"node_{n:03d}" for n in range(2, 42)]
+    async with started(tmp_path, *others) as node:
+        rounds = [f"c{i}" for i in range(RETAIN)]
+        for round_id in rounds:
+            await node.start_round(round_id, 24)
+            await node.ingest(observations_of(*(signed_observation(p, round_id) for p in others)))
+        held: dict[str, list[str]] = {}
+        answers: list[SyncAnswer] = []
+        while not answers or answers[-1].more:
+            answers.append(node.sync_answer(parse_sync_request({"summary": held})))
+            for obs in answers[-1].observations:
+                held.setdefault(obs.round_id, []).append(obs.node_id)
+        sizes = [len(answer.observations) for answer in answers]
+        assert sizes == [SYNC_ANSWER_ITEMS, RETAIN * 41 - SYNC_ANSWER_ITEMS]
+        assert sum(map(len, held.values())) == RETAIN * 41

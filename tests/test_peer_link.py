@@ -12,6 +12,7 @@ import trio.testing
 
 from anna_trio.metrics import Metrics
 from anna_trio.models import PeerConfig
+from anna_trio.node import IngestCounts
 from anna_trio.outbox import PeerQueue
 from anna_trio.peers import PeerLink
 from anna_trio.seams import PeerTransport, SystemClock
@@ -32,8 +33,9 @@ class _FakeNode:
     def sync_request(self) -> SyncRequest:
         return SyncRequest(summary={}, known_evidence=frozenset(), sender=self.node_id)
 
-    async def ingest(self, batch: Batch) -> None:
+    async def ingest(self, batch: Batch) -> IngestCounts:
         self.ingested.append(batch)
+        return IngestCounts(len(batch.observations), 0, 0)
 
 
 class _CannedClient:

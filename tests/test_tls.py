@@ -12,16 +12,15 @@ from pathlib import Path
 from typing import Any, cast
 
 import attrs
-import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from hypothesis import given, settings
 
 from anna_trio import tls
 from anna_trio.models import TlsConfig
+from anna_trio.transport.tlsfailure import classify_tls_failure
 
 NOW = datetime.now(UTC)
 
@@ -106,15 +105,11 @@ class Exchange:
 
     @property
     def server_reason(self) -> str | None:
-        return (
-            None if self.server_error is None else tls.classify_handshake_error(self.server_error)
-        )
+        return None if self.server_error is None else classify_tls_failure(self.server_error)
 
     @property
     def client_reason(self) -> str | None:
-        return (
-            None if self.client_error is None else tls.classify_handshake_error(self.client_error)
-        )
+        return None if self.client_error is None else classify_tls_failure(self.client_error)
 
 
 async def exchange(
@@ -193,7 +188,7 @@ async def test_client_without_certificate_is_refused(pki: Pki) -> None:
     [
         ("foreign", "unknown_ca"),
         ("expired", "certificate_expired"),
-        ("future", "certificate_expired"),
+        ("future", "certificate_not_yet_valid"),
         ("node_003", "certificate_revoked"),
     ],
 )
@@ -301,49 +296,6 @@ async def test_failed_update_keeps_the_old_context(pki: Pki) -> None:
     assert (
         await exchange(reloadable.context, tls.client_context(pki.config()))
     ).reply == b"pong:ping"
-
-
-async def test_server_side_failures_are_reported(pki: Pki) -> None:
-    """on_handshake_failure gets the reason of each refused handshake, nothing on success."""
-    reasons: list[str] = []
-    reloadable = tls.ReloadableServerContext(pki.config(), on_handshake_failure=reasons.append)
-    await exchange(reloadable.context, tls.client_context(pki.config()))
-    await exchange(reloadable.context, no_client_cert_context(pki.config()))
-    await exchange(reloadable.context, tls.client_context(pki.config(client="foreign")))
-    assert reasons == ["no_certificate", "unknown_ca"]
-
-
-async def test_plaintext_http_to_tls_port_is_refused(pki: Pki) -> None:
-    """Plain HTTP sent to a TLS listener (as hypercorn builds it) gets no HTTP answer."""
-    reasons: list[str] = []
-    reloadable = tls.ReloadableServerContext(pki.config(), on_handshake_failure=reasons.append)
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    ssl_listener = trio.SSLListener(listeners[0], reloadable.context, https_compatible=True)
-
-    async def handle(stream: trio.SSLStream[trio.SocketStream]) -> None:
-        try:
-            await stream.do_handshake()
-        except trio.BrokenResourceError:
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, handle, [ssl_listener])
-            port = listeners[0].socket.getsockname()[1]
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-            await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            received = b""
-            try:
-                while chunk := await stream.receive_some():
-                    received += chunk
-            except trio.BrokenResourceError:
-                pass
-            await stream.aclose()
-            nursery.cancel_scope.cancel()
-    assert b"HTTP/1.1" not in received
-    assert reasons == ["protocol"]
 
 
 # --- check_tls_material -------------------------------------------------------------
@@ -488,66 +440,6 @@ def test_revoke_is_idempotent_and_refuses_foreign_certs(tmp_path: Path, pki: Pki
 
 
 # --- classification ----------------------------------------------------------------
-
-
-def _verify_error(code: int) -> ssl.SSLCertVerificationError:
-    error = ssl.SSLCertVerificationError(1, "certificate verify failed")
-    error.verify_code = code
-    error.reason = "CERTIFICATE_VERIFY_FAILED"
-    return error
-
-
-def _ssl_error(reason: str) -> ssl.SSLError:
-    error = ssl.SSLError(1, reason)
-    error.reason = reason
-    return error
-
-
-@settings(max_examples=200)
-@given(
-    error=st.one_of(
-        st.integers(0, 100).map(_verify_error),
-        st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ_3", max_size=40).map(_ssl_error),
-        st.builds(ConnectionResetError),
-        st.builds(ValueError, st.text(max_size=5)),
-    ),
-    wrap=st.sampled_from(["bare", "cause", "context", "group"]),
-)
-def test_classification_is_always_a_known_label(error: Exception, wrap: str) -> None:
-    """Any error, however wrapped, maps to one label of the fixed set, the same as bare."""
-    bare = tls.classify_handshake_error(error)
-    wrapped: BaseException = trio.BrokenResourceError()
-    if wrap == "cause":
-        wrapped.__cause__ = error
-    elif wrap == "context":
-        wrapped.__context__ = error
-    elif wrap == "group":
-        wrapped = ExceptionGroup("x", [ValueError(), error])
-    else:
-        wrapped = error
-    assert tls.classify_handshake_error(wrapped) == bare
-    assert bare in tls.HANDSHAKE_FAILURE_REASONS
-    if not isinstance(error, ssl.SSLError):
-        assert bare == "other"
-
-
-@pytest.mark.parametrize(
-    ("error", "reason"),
-    [
-        (_verify_error(10), "certificate_expired"),
-        (_verify_error(23), "certificate_revoked"),
-        (_verify_error(20), "unknown_ca"),
-        (_verify_error(64), "hostname_mismatch"),
-        (_verify_error(3), "bad_certificate"),
-        (_ssl_error("TLSV13_ALERT_CERTIFICATE_REQUIRED"), "no_certificate"),
-        (_ssl_error("SSLV3_ALERT_CERTIFICATE_REVOKED"), "certificate_revoked"),
-        (_ssl_error("HTTP_REQUEST"), "protocol"),
-        (ssl.SSLEOFError(8, "EOF"), "protocol"),
-    ],
-)
-def test_classification_examples(error: ssl.SSLError, reason: str) -> None:
-    """Verify codes and OpenSSL reasons map to the documented labels."""
-    assert tls.classify_handshake_error(error) == reason
 
 
 async def test_hypercorn_serves_mtls_with_reloadable_context(pki: Pki) -> None:

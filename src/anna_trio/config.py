@@ -73,7 +73,16 @@ _LIMIT_KEYS = (
     "idempotency_ttl",
     "idempotency_keys",
     "pending_rounds",
+    "max_connections",
+    "max_connections_per_address",
+    "validator_connection_reserve",
+    "max_pending_handshakes",
+    "handshake_timeout",
+    "send_timeout",
+    "keep_alive_timeout",
+    "max_outsider_requests",
 )
+MAX_CONNECTIONS_CEILING = 1_000_000
 _OBSERVER_KEYS = {"synthetic": ("kind", "tis", "jitter"), "file": ("kind", "path")}
 _ANNAD_KEYS = (
     "node_id",
@@ -542,7 +551,16 @@ def _parse_limits(top: _Section) -> Limits:
     if section is None:
         return defaults
     section.reject_unknown(_LIMIT_KEYS)
-    return Limits(
+
+    def seconds(key: str, default: float) -> float:
+        return section.number(
+            key, default, check=lambda value: value > 0, expected="a finite number of seconds > 0"
+        )
+
+    def count(key: str, default: int, low: int = 1) -> int:
+        return section.integer(key, default, low, MAX_CONNECTIONS_CEILING)
+
+    limits = Limits(
         rate_per_client=section.number(
             "rate_per_client",
             defaults.rate_per_client,
@@ -553,11 +571,10 @@ def _parse_limits(top: _Section) -> Limits:
         max_body_bytes=section.integer(
             "max_body_bytes", defaults.max_body_bytes, 1, MAX_BODY_BYTES_CEILING
         ),
-        request_timeout=section.number(
-            "request_timeout",
-            defaults.request_timeout,
-            check=lambda value: value > 0,
-            expected="a finite number of seconds > 0",
+        request_timeout=seconds("request_timeout", defaults.request_timeout),
+        max_connections=count("max_connections", defaults.max_connections, 2),
+        max_connections_per_address=count(
+            "max_connections_per_address", defaults.max_connections_per_address
         ),
         idempotency_ttl=section.number(
             "idempotency_ttl",
@@ -567,7 +584,22 @@ def _parse_limits(top: _Section) -> Limits:
         ),
         idempotency_keys=section.integer("idempotency_keys", defaults.idempotency_keys, 1, 10**9),
         pending_rounds=section.integer("pending_rounds", defaults.pending_rounds, 1, 10**6),
+        validator_connection_reserve=count(
+            "validator_connection_reserve", defaults.validator_connection_reserve, 0
+        ),
+        max_pending_handshakes=count("max_pending_handshakes", defaults.max_pending_handshakes),
+        handshake_timeout=seconds("handshake_timeout", defaults.handshake_timeout),
+        send_timeout=seconds("send_timeout", defaults.send_timeout),
+        keep_alive_timeout=seconds("keep_alive_timeout", defaults.keep_alive_timeout),
+        max_outsider_requests=count("max_outsider_requests", defaults.max_outsider_requests),
     )
+    if limits.validator_connection_reserve >= limits.max_connections:
+        section.error(
+            "validator_connection_reserve",
+            f"must be less than max_connections ({limits.max_connections}),"
+            " or no one else could connect",
+        )
+    return limits
 
 
 def _add_tls_material_problems(tls: TlsConfig, section: _Section, tls_line: int) -> None:

@@ -158,10 +158,16 @@ class Daemon:
         metrics_http = self._metrics_listener(node, console)
         rpc_http = HttpServer(
             rpc.handle,
+            limits=lambda: rpc.limits,
             ssl_context=server_ssl,
-            max_body_bytes=rpc.max_body_bytes,
+            trust=rpc,
             count_error=lambda kind: self.metrics.http_errors.labels("rpc", kind).inc(),
+            count_dropped=lambda reason: self.metrics.rpc_connections_dropped.labels(reason).inc(),
+            on_tls_failure=lambda reason: self.metrics.tls_handshake_failures.labels(
+                "server", reason
+            ).inc(),
         )
+        self.metrics.watch_rpc_connections(rpc_http.statistics)
         reloader = Reloader(
             node_id=s.node_id,
             load=partial(load_config_for, s),
@@ -260,12 +266,7 @@ class Daemon:
     def _make_server_tls(self, config: ClusterConfig) -> ssl.SSLContext | None:
         if not config.tls.enabled:
             return None
-        self._server_tls = ReloadableServerContext(
-            config.tls,
-            on_handshake_failure=lambda reason: self.metrics.tls_handshake_failures.labels(
-                "server", reason
-            ).inc(),
-        )
+        self._server_tls = ReloadableServerContext(config.tls)
         return self._server_tls.context
 
     def _write_pid(self) -> None:

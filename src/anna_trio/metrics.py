@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import Protocol
 
 import prometheus_client
 from prometheus_client import (
@@ -27,7 +29,25 @@ OBSERVATION_RESULTS = (
     "unknown_node",
     "conflict",
 )
+CONNECTION_DROP_REASONS = (
+    "connection_limit",
+    "address_limit",
+    "handshake_limit",
+    "send_timeout",
+    "slow_request",
+)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ConnectionCounts(Protocol):
+    """What the RPC listener reports about its connections (transport.admission.Counts)."""
+
+    @property
+    def trusted(self) -> int: ...
+    @property
+    def others(self) -> int: ...
+    @property
+    def handshakes(self) -> int: ...
 
 
 class Metrics:
@@ -136,6 +156,26 @@ class Metrics:
         self.listener_connections.labels("metrics")
         for reason in ("per_client_cap", "send_timeout"):
             self.listener_dropped.labels("metrics", reason)
+        self.rpc_connections = Gauge(
+            "anna_rpc_connections",
+            "Open connections on the RPC listener, validators' and others'",
+            ["peer_class"],
+            registry=reg,
+        )
+        self.rpc_tls_handshakes = Gauge(
+            "anna_rpc_tls_handshakes_in_progress",
+            "TLS handshakes under way on the RPC listener",
+            registry=reg,
+        )
+        self.rpc_connections_dropped = Counter(
+            "anna_rpc_connections_dropped",
+            "RPC connections closed by a bound: refused at a connection, address or "
+            "handshake limit, an answer not read in time, a request head or body too slow",
+            ["reason"],
+            registry=reg,
+        )
+        for reason in CONNECTION_DROP_REASONS:
+            self.rpc_connections_dropped.labels(reason)
         self.observer_failures = Counter(
             "anna_observer_failures",
             "Rounds this node could not contribute to (observer missing or invalid)",
@@ -154,6 +194,12 @@ class Metrics:
         for family in (self.peer_up, self.peer_request_duration):
             with contextlib.suppress(KeyError):
                 family.remove(peer)
+
+    def watch_rpc_connections(self, counts: Callable[[], ConnectionCounts]) -> None:
+        """Read the RPC listener's connection counts at each scrape."""
+        self.rpc_connections.labels("validator").set_function(lambda: counts().trusted)
+        self.rpc_connections.labels("other").set_function(lambda: counts().others)
+        self.rpc_tls_handshakes.set_function(lambda: counts().handshakes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -259,7 +259,14 @@ class PeerConfig:
 
 @attrs.frozen
 class Limits:
-    """Server-side limits (`limits:` in peers.yml)."""
+    """Server-side limits (`limits:` in peers.yml); times in seconds.
+
+    The connection bounds are the RPC listener's (anna_trio.transport): a validator is
+    known before the TLS handshake by its peers.yml address, after it by its
+    certificate's CN; everyone else shares `max_connections -
+    validator_connection_reserve` slots, at most `max_connections_per_address` each,
+    and their requests are answered `max_outsider_requests` at a time.
+    """
 
     rate_per_client: float = 100.0
     burst: int = 200
@@ -268,6 +275,14 @@ class Limits:
     idempotency_ttl: float = 86400.0  # seconds an Idempotency-Key's answer is kept
     idempotency_keys: int = 100_000  # answers kept at most (the oldest go first)
     pending_rounds: int = 64  # rounds short of quorum before new starts get 503
+    max_connections: int = 512
+    max_connections_per_address: int = 32
+    validator_connection_reserve: int = 64
+    max_pending_handshakes: int = 64
+    handshake_timeout: float = 5.0
+    send_timeout: float = 10.0
+    keep_alive_timeout: float = 15.0
+    max_outsider_requests: int = 16
 
 
 @attrs.frozen

@@ -52,6 +52,7 @@ log = logging.getLogger("anna.node")
 
 RETAINED_ROUNDS = 1000
 SYNC_ROUNDS = 100
+SYNC_ANSWER_ITEMS = 128  # observations + 2 x evidence per sync answer; "more": ask again
 AVERAGE_WINDOW = 100
 STATE_WRITE_INTERVAL = 1.0
 OWN_ANSWER_WAIT = 0.2
@@ -335,18 +336,24 @@ class Node:
 
     def sync_answer(self, request: SyncRequest) -> SyncAnswer:
         """Anti-entropy: what the asker lacks among our recent rounds and evidence."""
+        lacking = [
+            e
+            for e in self.engine.evidence()
+            if (e.node_id, e.round_id) not in request.known_evidence
+        ]
+        evidence = lacking[: SYNC_ANSWER_ITEMS // 2]
+        missing = self.engine.observations_missing_from(request.summary, SYNC_ROUNDS)
+        room = SYNC_ANSWER_ITEMS - 2 * len(evidence)
         return SyncAnswer(
             rounds=tuple(
                 RoundRef(round_id, window)
                 for round_id, window in self.engine.recent_windows(SYNC_ROUNDS)
                 if round_id not in request.summary
             ),
-            observations=tuple(self.engine.observations_missing_from(request.summary, SYNC_ROUNDS)),
-            evidence=tuple(
-                e
-                for e in self.engine.evidence()
-                if (e.node_id, e.round_id) not in request.known_evidence
-            ),
+            observations=tuple(missing[:room]),
+            evidence=tuple(evidence),
+            # Capped: the asker pulls again at once for what did not fit.
+            more=len(missing) > room or len(lacking) > len(evidence),
         )
 
     def sync_request(self) -> SyncRequest:

@@ -45,12 +45,19 @@ class Unanswered(enum.Enum):
     UNREACHABLE = "error"  # connect, TLS or I/O failed: nobody there to answer
 
 
+class Ingested(Protocol):
+    @property
+    def accepted(self) -> int:
+        """How many observations were new."""
+        ...
+
+
 class Inbox(Protocol):
     """What a link hands the node: what its peer sent back (the node)."""
 
     node_id: str
 
-    async def ingest(self, batch: Batch) -> object: ...
+    async def ingest(self, batch: Batch) -> Ingested: ...
 
     def sync_request(self) -> SyncRequest: ...
 
@@ -210,7 +217,9 @@ class PeerLink:
             answer = parse_batch(response.json())
         except (PeerError, MessageError):
             return False
-        await self._inbox.ingest(answer)
+        taken = await self._inbox.ingest(answer)
+        if answer.more and taken.accepted:
+            self._queue.request_pull()  # a capped answer that brought news: the rest comes now
         return True
 
     async def _call(self, client: PeerTransport, path: str, body: bytes) -> Response | Unanswered:
@@ -384,8 +393,7 @@ class HttpTransports:
             )
 
         def count_failure(reason: str) -> None:
-            # Identity refusals carry detail after a colon; the label keeps only the kind.
-            self._metrics.tls_handshake_failures.labels("client", reason.split(":")[0]).inc()
+            self._metrics.tls_handshake_failures.labels("client", reason).inc()
 
         return HttpClient(
             peer.address,

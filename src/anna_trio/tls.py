@@ -35,13 +35,11 @@ from .durable import atomic_write_bytes, make_dirs
 from .models import NODE_ID_RE, TlsConfig
 
 __all__ = [
-    "HANDSHAKE_FAILURE_REASONS",
     "CertificateError",
     "PeerCertificateSource",
     "ReloadableServerContext",
     "check_peer_identity",
     "check_tls_material",
-    "classify_handshake_error",
     "client_context",
     "fingerprint",
     "fingerprint_der",
@@ -58,17 +56,6 @@ ALPN_PROTOCOLS = ["http/1.1"]
 CLOCK_SKEW_ALLOWANCE = timedelta(minutes=5)
 """New certificates start this far in the past so that a peer whose clock is a little
 behind does not refuse them as not yet valid."""
-
-HANDSHAKE_FAILURE_REASONS = (
-    "no_certificate",
-    "unknown_ca",
-    "certificate_expired",
-    "certificate_revoked",
-    "hostname_mismatch",
-    "bad_certificate",
-    "protocol",
-    "other",
-)
 
 
 class CertificateError(AnnaError, ValueError):
@@ -521,18 +508,12 @@ class _DelegatingServerContext(ssl.SSLContext):
 
 class ReloadableServerContext:
     """One SSLContext handed to the server once; `update` swaps the certificate, CA and
-    CRL used for connections accepted afterwards, without a restart.
-
-    `on_handshake_failure(reason)` is called with a `classify_handshake_error` label
-    whenever a server-side handshake fails (one place for every server, so this is
-    where `anna_tls_handshake_failures_total{side="server"}` can be counted).
+    CRL used for connections accepted afterwards, without a restart. (Why a handshake
+    failed is the server's to count: `anna_trio.transport.tlsfailure`.)
     """
 
-    def __init__(
-        self, tls: TlsConfig, *, on_handshake_failure: Callable[[str], None] | None = None
-    ) -> None:
-        self._on_handshake_failure = on_handshake_failure
-        self.current = self._build(tls)
+    def __init__(self, tls: TlsConfig) -> None:
+        self.current = server_context(tls)
         self._context = _DelegatingServerContext(self)
 
     @property
@@ -548,35 +529,15 @@ class ReloadableServerContext:
     def prepare(self, tls: TlsConfig) -> ssl.SSLContext:
         """The inner context `tls` describes, built but not yet in use (raises on bad
         material, changing nothing)."""
-        return self._build(tls)
+        return server_context(tls)
 
     def use(self, context: ssl.SSLContext) -> None:
         """Serve new connections with a context `prepare` built."""
         self.current = context
 
-    def _build(self, tls: TlsConfig) -> ssl.SSLContext:
-        context = server_context(tls)
-        if self._on_handshake_failure is not None:
-            context.sslobject_class = _reporting_sslobject_class(self._on_handshake_failure)
-        return context
-
-
-def _reporting_sslobject_class(report: Callable[[str], None]) -> type[ssl.SSLObject]:
-    class ReportingSSLObject(ssl.SSLObject):
-        def do_handshake(self) -> None:
-            try:
-                super().do_handshake()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                raise
-            except ssl.SSLError as exc:
-                report(classify_handshake_error(exc))
-                raise
-
-    return ReportingSSLObject
-
 
 # ---------------------------------------------------------------------------------------
-# After the handshake: who answered, and why a handshake failed
+# After the handshake: who answered
 
 
 class PeerCertificateSource(Protocol):
@@ -590,7 +551,8 @@ def check_peer_identity(
     ssl_object: PeerCertificateSource, *, expected_node_id: str, pinned_fingerprint: str | None
 ) -> str | None:
     """None when the peer's certificate names `expected_node_id` (CN) and matches the
-    pin (when set); otherwise a short reason for logs and metrics."""
+    pin (when set); otherwise why not, for logs, starting with its metric label
+    (`no_certificate`, `cn_mismatch: …`, `fingerprint_mismatch`)."""
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return "no_certificate"
@@ -604,76 +566,3 @@ def check_peer_identity(
         if fingerprint_der(der) != wanted:
             return "fingerprint_mismatch"
     return None
-
-
-_VERIFY_CODE_REASONS = {
-    2: "unknown_ca",  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
-    7: "unknown_ca",  # X509_V_ERR_CERT_SIGNATURE_FAILURE
-    18: "unknown_ca",  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
-    19: "unknown_ca",  # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
-    20: "unknown_ca",  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
-    21: "unknown_ca",  # X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
-    9: "certificate_expired",  # X509_V_ERR_CERT_NOT_YET_VALID (TLS's alert says expired too)
-    10: "certificate_expired",  # X509_V_ERR_CERT_HAS_EXPIRED
-    23: "certificate_revoked",  # X509_V_ERR_CERT_REVOKED
-    62: "hostname_mismatch",  # X509_V_ERR_HOSTNAME_MISMATCH
-    64: "hostname_mismatch",  # X509_V_ERR_IP_ADDRESS_MISMATCH
-}
-
-_SSL_REASONS = {
-    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_certificate",
-    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "no_certificate",
-    "TLSV1_ALERT_UNKNOWN_CA": "unknown_ca",
-    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "certificate_expired",
-    "SSLV3_ALERT_CERTIFICATE_REVOKED": "certificate_revoked",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "bad_certificate",
-    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "bad_certificate",
-    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "bad_certificate",
-    "TLSV1_ALERT_ACCESS_DENIED": "bad_certificate",
-    "CERTIFICATE_VERIFY_FAILED": "bad_certificate",
-    "HTTP_REQUEST": "protocol",
-    "HTTPS_PROXY_REQUEST": "protocol",
-    "WRONG_VERSION_NUMBER": "protocol",
-    "UNSUPPORTED_PROTOCOL": "protocol",
-    "UNKNOWN_PROTOCOL": "protocol",
-    "VERSION_TOO_LOW": "protocol",
-    "TLSV1_ALERT_PROTOCOL_VERSION": "protocol",
-    "NO_SHARED_CIPHER": "protocol",
-    "SSLV3_ALERT_HANDSHAKE_FAILURE": "protocol",
-    "NO_APPLICATION_PROTOCOL": "protocol",
-    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": "protocol",
-    "PACKET_LENGTH_TOO_LONG": "protocol",
-    "RECORD_LAYER_FAILURE": "protocol",
-    "UNEXPECTED_EOF_WHILE_READING": "protocol",
-}
-
-
-def _causes(exc: BaseException) -> Iterable[BaseException]:
-    """`exc`, the exceptions it was raised from, and members of exception groups (trio
-    reports TLS errors as BrokenResourceError from the ssl.SSLError)."""
-    pending, seen = [exc], set()
-    while pending:
-        current = pending.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        if isinstance(current, BaseExceptionGroup):
-            pending.extend(current.exceptions)
-        for linked in (current.__cause__, current.__context__):
-            if linked is not None:
-                pending.append(linked)
-
-
-def classify_handshake_error(exc: BaseException) -> str:
-    """A short label for `anna_tls_handshake_failures_total{reason}`, one of
-    HANDSHAKE_FAILURE_REASONS, from the ssl error inside `exc` (verify code, then the
-    OpenSSL reason); "other" when no TLS error is found."""
-    for cause in _causes(exc):
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return _VERIFY_CODE_REASONS.get(cause.verify_code, "bad_certificate")
-        if isinstance(cause, ssl.SSLEOFError):
-            return "protocol"
-        if isinstance(cause, ssl.SSLError):
-            return _SSL_REASONS.get(str(cause.reason), "other")
-    return "other"

@@ -42,6 +42,7 @@ class Batch:
     evidence: tuple[Any, ...] = ()  # raw {"first": obs, "second": obs} objects
     sender: str | None = None  # the "from" a gossip push names
     malformed_rounds: int = 0  # round items that named no valid round
+    more: bool = False  # a capped sync answer: there is more to pull
 
     @property
     def round_ids(self) -> list[str]:
@@ -64,6 +65,7 @@ class SyncAnswer:
     rounds: tuple[RoundRef, ...]
     observations: tuple[Observation, ...]
     evidence: tuple[Evidence, ...]
+    more: bool = False  # capped (SYNC_ANSWER_ITEMS): the asker pulls again for the rest
 
 
 def parse_batch(payload: Any) -> Batch:
@@ -91,6 +93,7 @@ def parse_batch(payload: Any) -> Batch:
         evidence=tuple(evidence),
         sender=sender if isinstance(sender, str) else None,
         malformed_rounds=len(rounds) - len(refs),
+        more=payload.get("more") is True,
     )
 
 
@@ -132,4 +135,5 @@ def sync_answer_json(answer: SyncAnswer) -> dict[str, Any]:
         "rounds": [attrs.asdict(ref) for ref in answer.rounds],
         "observations": [obs.to_dict() for obs in answer.observations],
         "evidence": [evidence_json(e) for e in answer.evidence],
+        "more": answer.more,
     }

@@ -2,8 +2,9 @@
 
 Every failure path answers JSON `{"success": false, "error", "message"}`; client input
 never produces a 500. Limits are checked before any work: body size (by the server,
-before reading the body), per-client rate (validators exempt), concurrency; each
-handler runs under the server-side timeout.
+before reading the body), per-client rate (validators exempt), who may call
+(node-to-node endpoints answer validators only), concurrency; each handler runs under
+the server-side timeout. HEAD is answered wherever GET is.
 """
 
 from __future__ import annotations
@@ -51,13 +52,21 @@ def _reply(reply: Reply) -> Response:
 
 
 def _dispatch(routes: dict[str, dict[str, Route]], request: Request) -> Route | Response:
+    """The route for the request's path and method (HEAD takes GET's: the server drops
+    the body), or the 404 or 405 (with its Allow header) to answer instead."""
     methods = routes.get(request.path)
     if methods is None:
         return error_response(404, "not_found", f"no such endpoint: {request.path}")
-    route = methods.get(request.method)
+    method = "GET" if request.method == "HEAD" else request.method
+    route = methods.get(method)
     if route is None:
-        allowed = ", ".join(sorted(methods))
-        return error_response(405, "method_not_allowed", f"{request.path} accepts {allowed}")
+        allowed = ", ".join(sorted({*methods, *(("HEAD",) if "GET" in methods else ())}))
+        return error_response(
+            405,
+            "method_not_allowed",
+            f"{request.path} accepts {allowed}",
+            (("allow", allowed),),
+        )
     return route
 
 
@@ -71,8 +80,14 @@ def _decode_json(request: Request) -> Any:
         return error_reply(400, "malformed_json", "body is nested too deeply")
 
 
+# Node-to-node endpoints: validators only (SPEC §7). Everything else on the port is for
+# submitters and operators too.
+VALIDATORS_ONLY = frozenset({"/rpc/gossip", "/rpc/sync"})
+
+
 class RpcServer:
-    """Parsing, limits and idempotency in front of the Node."""
+    """Parsing, limits and idempotency in front of the Node; also the transport's
+    `Trust`: who counts as a validator for the connection limits."""
 
     def __init__(
         self,
@@ -108,23 +123,40 @@ class RpcServer:
         if (limits.rate_per_client, limits.burst) != (self._buckets.rate, self._buckets.burst):
             self._buckets = TokenBuckets(limits.rate_per_client, limits.burst)
 
-    def max_body_bytes(self) -> int:
-        return self.limits.max_body_bytes
+    def trusted_address(self, address: str) -> bool:
+        """Whether `address` is a validator's (resolved from peers.yml)."""
+        return address in self.exempt_addresses
+
+    def trusted_name(self, name: str) -> bool:
+        """Whether a verified client certificate's CN is a validator's node id."""
+        return name in self.node.config.validator_ids
+
+    def is_validator(self, request: Request) -> bool:
+        """With TLS, the client certificate names a validator; without, the source
+        address is a validator's."""
+        if self.node.config.tls.enabled:
+            return request.peer_name is not None and self.trusted_name(request.peer_name)
+        return self.trusted_address(request.client)
 
     async def handle(self, request: Request) -> Response:
-        """The HTTP server's handler: rate limit, route, answer."""
+        """The HTTP server's handler: rate limit, route, validators-only, answer."""
         if request.client not in self.exempt_addresses:
             wait = self._buckets.allow(request.client, trio.current_time())
             if wait > 0:
                 self.metrics.rate_limited.inc()
-                return json_response(
+                return error_response(
                     429,
-                    {"success": False, "error": "rate_limited", "message": "rate limit exceeded"},
+                    "rate_limited",
+                    "rate limit exceeded",
                     (("retry-after", retry_after_header(wait)),),
                 )
         route = _dispatch(self._routes, request)
         if isinstance(route, Response):
             return route
+        if request.path in VALIDATORS_ONLY and not self.is_validator(request):
+            return error_response(
+                403, "forbidden", f"{request.path} is a node-to-node endpoint: validators only"
+            )
         return await route(request)
 
     async def _guarded(self, work: Callable[[], Awaitable[Reply]]) -> Response:

@@ -25,14 +25,15 @@ import httptools
 import trio
 
 from anna_trio._exceptions import PeerError
-from anna_trio.transport.tlsstream import TlsStream
+
+from .tlsfailure import classify_tls_failure, failure_label
+from .tlsstream import TlsStream
 
 __all__ = [
     "HttpClient",
     "PeerConnectionError",
     "PeerTLSError",
     "Response",
-    "classify_tls_failure",
 ]
 
 _RECEIVE_SIZE = 65536
@@ -44,21 +45,6 @@ _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 _FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?")
 
-# OpenSSL X509_V_ERR_* codes worth telling apart on a dashboard; the rest are
-# "invalid_certificate". Labels are metric label values, so the set stays small.
-_VERIFY_CODE_REASONS: dict[int, str] = {
-    3: "crl_unavailable",  # UNABLE_TO_GET_CRL
-    9: "certificate_not_yet_valid",  # CERT_NOT_YET_VALID
-    10: "certificate_expired",  # CERT_HAS_EXPIRED
-    18: "unknown_ca",  # DEPTH_ZERO_SELF_SIGNED_CERT
-    19: "unknown_ca",  # SELF_SIGNED_CERT_IN_CHAIN
-    20: "unknown_ca",  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
-    21: "unknown_ca",  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
-    23: "certificate_revoked",  # CERT_REVOKED
-    62: "hostname_mismatch",  # HOSTNAME_MISMATCH
-    64: "hostname_mismatch",  # IP_ADDRESS_MISMATCH
-}
-
 
 class PeerConnectionError(PeerError):
     """Raised when connecting to a peer, the TLS handshake, I/O or HTTP framing fails."""
@@ -67,30 +53,14 @@ class PeerConnectionError(PeerError):
 class PeerTLSError(PeerConnectionError):
     """Raised when the TLS handshake fails or the peer's certificate is refused.
 
-    `reason` is a short label (for example ``unknown_ca``, ``certificate_expired``,
-    ``hostname_mismatch`` or the label `verify_peer` returned), fit for a metric label.
+    `reason` says why: one of `tlsfailure.TLS_FAILURE_REASONS` (``unknown_ca``,
+    ``certificate_expired``, ``rejected_by_peer`` …), or what `verify_peer` returned,
+    whose kind before any colon is such a label.
     """
 
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(f"{message} [{reason}]")
         self.reason = reason
-
-
-def classify_tls_failure(exc: BaseException) -> str:
-    """Return a short, bounded label for why a TLS handshake failed."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        code = getattr(exc, "verify_code", None)
-        return (
-            _VERIFY_CODE_REASONS.get(code, "invalid_certificate")
-            if code is not None
-            else "invalid_certificate"
-        )
-    if isinstance(exc, ssl.SSLError):
-        # An alert from the peer: it refused our certificate or our hello.
-        if "ALERT" in (exc.reason or ""):
-            return "rejected_by_peer"
-        return "protocol"
-    return "other"
 
 
 @attrs.frozen
@@ -269,7 +239,7 @@ class HttpClient:
         if self._verify_peer is not None:
             refusal = self._verify_peer(tls.ssl_object)
             if refusal is not None:
-                self._report_tls_failure(refusal)
+                self._report_tls_failure(failure_label(refusal))
                 raise PeerTLSError(
                     f"{self._address} presented an unacceptable certificate", reason=refusal
                 )

@@ -34,7 +34,10 @@ class _State(enum.Enum):
 
 
 class TlsStream(trio.abc.Stream):
-    """TLS over `transport`; call `do_handshake` first, then use it from one task at a time."""
+    """TLS over `transport`; call `do_handshake` first, then use it from one task at a time.
+
+    `receive_size` bounds what one read takes from the transport (and so what waits
+    undecrypted in memory): a server holding many connections keeps it small."""
 
     def __init__(
         self,
@@ -43,8 +46,10 @@ class TlsStream(trio.abc.Stream):
         *,
         server_side: bool,
         server_hostname: str | None = None,
+        receive_size: int = RECEIVE_SIZE,
     ) -> None:
         self.transport_stream = transport
+        self._receive_size = receive_size
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.ssl_object = context.wrap_bio(
@@ -80,7 +85,7 @@ class TlsStream(trio.abc.Stream):
         """Decrypted bytes, at most `max_bytes`; b"" at EOF, with close_notify (which
         `SSLObject.read` reports as b"") or without (the SSLEOFError below)."""
         self._check_ready()
-        size = RECEIVE_SIZE if max_bytes is None else max_bytes
+        size = self._receive_size if max_bytes is None else max_bytes
         if size < 1:
             raise ValueError("max_bytes must be >= 1")
         while True:
@@ -146,7 +151,7 @@ class TlsStream(trio.abc.Stream):
 
     async def _fill(self) -> None:
         try:
-            data = await self.transport_stream.receive_some(RECEIVE_SIZE)
+            data = await self.transport_stream.receive_some(self._receive_size)
         except trio.BrokenResourceError:
             self._state = _State.BROKEN
             raise
