@@ -86,6 +86,11 @@ async def test_flood_beyond_rate_limit_keeps_cluster_rounds_going(cluster: LiveC
     for peer in ("node_002", "node_003"):
         assert value(metrics, "anna_peer_up", peer=peer) == 1.0
     # Node 2's own requests to the flooded node were never refused: validators are exempt.
+    # (With 3 validators node 2 may have had nothing to push to node 1, whose gossip it
+    # answered: a reconcile makes it pull from node 1 now.)
+    async with cluster.connect() as rpc:
+        status, _ = await rpc.rpc(2, "POST", "/rpc/reconcile", {})
+        assert status == 200
     node2 = await cluster.metrics(2)
     rejected = value(node2, "anna_peer_request_total", peer="node_001", status="rejected")
     assert not rejected, rejected
