@@ -36,7 +36,7 @@ from _common import exit_on_sigterm, loadavg, progress, report_header
 HERE = Path(__file__).resolve().parent
 TARGETS = {
     "round_p50_over_etcd_p50_3_nodes": 2.5,
-    "round_p99_ms_3_nodes": 20.0,
+    "round_p99_ms_3_nodes": 25.0,  # issue 13: at equal durability with etcd (fsync on)
     "sustained_rounds_per_s_3_nodes": 300.0,
     "round_p50_ms_15_nodes": 50.0,
     "migration_median_ms": 5.0,
