@@ -309,12 +309,19 @@ DRAIN_BYTES = 4 * 1024 * 1024
 DRAIN_SECONDS = 2.0
 
 
-async def _drain(stream: trio.abc.Stream) -> None:
-    """Read and drop what the client is still sending, so it reads our 413, not a reset."""
+async def _linger(tcp: trio.SocketStream) -> None:
+    """After a last answer (Connection: close, HTTP/1.0, a 400 or 413) while the client
+    may still be sending: end our side, then read and drop what comes for a moment.
+    Closing with unread bytes would reset the connection, and a reset can destroy the
+    answer before the client has read it (Apache's lingering close)."""
     received = 0
-    with trio.move_on_after(DRAIN_SECONDS):
+    with (
+        trio.move_on_after(DRAIN_SECONDS),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await tcp.send_eof()
         while received < DRAIN_BYTES:
-            data = await stream.receive_some(RECEIVE_SIZE)
+            data = await tcp.receive_some(RECEIVE_SIZE)
             if not data:
                 return
             received += len(data)
@@ -433,8 +440,8 @@ class HttpServer:
         counted, and closes this connection only; the listener and the others go on."""
         try:
             stream, peer_name = await self._open(tcp, slot)
-            if stream is not None:
-                await self._serve_requests(stream, slot, peer_name)
+            if stream is not None and await self._serve_requests(stream, slot, peer_name):
+                await _linger(tcp)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Dropped):
             pass
         except Exception:
@@ -473,7 +480,10 @@ class HttpServer:
 
     async def _serve_requests(
         self, stream: trio.abc.Stream, slot: Slot, peer_name: str | None
-    ) -> None:
+    ) -> bool:
+        """Answer requests until the connection ends; whether it ended with an answer
+        that said so (the client may still be sending: linger), not with the client
+        gone, quiet past a deadline, or shutdown."""
         limits = self._limits()
         parser = _RequestParser(slot.address, peer_name, limits.max_body_bytes, trio.current_time)
         while True:
@@ -483,15 +493,14 @@ class HttpServer:
             except _Malformed as exc:
                 self._count_error(MALFORMED)
                 await self._send_error(stream, 400, "bad_request", f"malformed HTTP: {exc}")
-                return
+                return True
             except _BodyTooLarge:
                 self._count_error(TOO_LARGE)
                 limit = limits.max_body_bytes
                 await self._send_error(stream, 413, "payload_too_large", f"body over {limit} bytes")
-                await _drain(stream)
-                return
+                return True
             if ready is None:
-                return
+                return False
             request, keep_alive = ready
             async with self._turn(slot):
                 response = await self._answer(request)
@@ -499,7 +508,7 @@ class HttpServer:
                 answer = _encode(response, keep_alive)
             await self._send(stream, answer)
             if not keep_alive:
-                return
+                return True
             await self._hold_off(_retry_after(response), limits)
 
     @contextlib.asynccontextmanager
