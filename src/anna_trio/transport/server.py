@@ -21,7 +21,8 @@ this module moves bytes and bounds them:
 - an answer that the client does not read within `send_timeout` closes the
   connection, and pipelined requests are parsed one by one as they are answered, so a
   client that never reads holds one answer and at most one read of raw bytes; after
-  an answer with `Retry-After` (429, 503) the connection is not read for that long;
+  an answer with `Retry-After` (429, 503) an outsider's connection is not read for
+  that long;
 - a body over the limit is refused from its Content-Length, before it is read (also
   after `Expect: 100-continue`, which is otherwise answered `100 Continue` before the
   body is read); malformed HTTP, including a repeated Host, Content-Length or
@@ -509,7 +510,8 @@ class HttpServer:
             await self._send(stream, answer)
             if not keep_alive:
                 return True
-            await self._hold_off(_retry_after(response), limits)
+            if not slot.trusted:
+                await self._hold_off(_retry_after(response), limits)
 
     @contextlib.asynccontextmanager
     async def _turn(self, slot: Slot) -> AsyncIterator[None]:
@@ -524,10 +526,12 @@ class HttpServer:
             yield
 
     async def _hold_off(self, seconds: float, limits: ServerLimits) -> None:
-        """After an answer that says `Retry-After` (429, 503), read nothing more from
-        this connection for that long (at most the keep-alive timeout): a client that
-        pipelines past its rate limit costs one answer per Retry-After, not one per
-        request it queued. Shutdown ends the wait, as it ends any idle wait."""
+        """After an answer to an outsider that says `Retry-After` (429, 503), read
+        nothing more from its connection for that long (at most the keep-alive timeout):
+        a client that pipelines past its rate limit costs one answer per Retry-After,
+        not one per request it queued. (A validator's connection carries other work,
+        and its own client honours the answer.) Shutdown ends the wait, as it ends
+        any idle wait."""
         if seconds <= 0:
             return
         with trio.move_on_after(min(seconds, limits.keep_alive_timeout)) as wait:
