@@ -504,3 +504,20 @@ CAPACITY_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
 
 async def echo_nothing(request: Request) -> Response:
     return json_response(200, {})
+
+
+async def test_a_closing_answer_ends_in_an_orderly_close_not_a_reset(port: int) -> None:
+    """After a last answer (here Connection: close, with more bytes behind it) the
+    server lingers: it ends its side and drops what still comes, so the client reads
+    the answer and an EOF. Closing at once with unread bytes resets the connection,
+    and a client's stack may throw away an answer it has not read yet on a reset."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    request = b"GET /x HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
+    await stream.send_all(request + b"x" * 100_000)
+    await trio.sleep(0.5)  # the server has answered (and would have closed) by now
+    received = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(65536):  # a reset raises here
+            received += chunk
+    await stream.aclose()
+    assert statuses(received) == [200]

@@ -21,7 +21,8 @@ this module moves bytes and bounds them:
 - an answer that the client does not read within `send_timeout` closes the
   connection, and pipelined requests are parsed one by one as they are answered, so a
   client that never reads holds one answer and at most one read of raw bytes; after
-  an answer with `Retry-After` (429, 503) the connection is not read for that long;
+  an answer with `Retry-After` (429, 503) an outsider's connection is not read for
+  that long;
 - a body over the limit is refused from its Content-Length, before it is read (also
   after `Expect: 100-continue`, which is otherwise answered `100 Continue` before the
   body is read); malformed HTTP, including a repeated Host, Content-Length or
@@ -309,12 +310,19 @@ DRAIN_BYTES = 4 * 1024 * 1024
 DRAIN_SECONDS = 2.0
 
 
-async def _drain(stream: trio.abc.Stream) -> None:
-    """Read and drop what the client is still sending, so it reads our 413, not a reset."""
+async def _linger(tcp: trio.SocketStream) -> None:
+    """After a last answer (Connection: close, HTTP/1.0, a 400 or 413) while the client
+    may still be sending: end our side, then read and drop what comes for a moment.
+    Closing with unread bytes would reset the connection, and a reset can destroy the
+    answer before the client has read it (Apache's lingering close)."""
     received = 0
-    with trio.move_on_after(DRAIN_SECONDS):
+    with (
+        trio.move_on_after(DRAIN_SECONDS),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await tcp.send_eof()
         while received < DRAIN_BYTES:
-            data = await stream.receive_some(RECEIVE_SIZE)
+            data = await tcp.receive_some(RECEIVE_SIZE)
             if not data:
                 return
             received += len(data)
@@ -433,8 +441,8 @@ class HttpServer:
         counted, and closes this connection only; the listener and the others go on."""
         try:
             stream, peer_name = await self._open(tcp, slot)
-            if stream is not None:
-                await self._serve_requests(stream, slot, peer_name)
+            if stream is not None and await self._serve_requests(stream, slot, peer_name):
+                await _linger(tcp)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Dropped):
             pass
         except Exception:
@@ -473,7 +481,10 @@ class HttpServer:
 
     async def _serve_requests(
         self, stream: trio.abc.Stream, slot: Slot, peer_name: str | None
-    ) -> None:
+    ) -> bool:
+        """Answer requests until the connection ends; whether it ended with an answer
+        that said so (the client may still be sending: linger), not with the client
+        gone, quiet past a deadline, or shutdown."""
         limits = self._limits()
         parser = _RequestParser(slot.address, peer_name, limits.max_body_bytes, trio.current_time)
         while True:
@@ -483,15 +494,14 @@ class HttpServer:
             except _Malformed as exc:
                 self._count_error(MALFORMED)
                 await self._send_error(stream, 400, "bad_request", f"malformed HTTP: {exc}")
-                return
+                return True
             except _BodyTooLarge:
                 self._count_error(TOO_LARGE)
                 limit = limits.max_body_bytes
                 await self._send_error(stream, 413, "payload_too_large", f"body over {limit} bytes")
-                await _drain(stream)
-                return
+                return True
             if ready is None:
-                return
+                return False
             request, keep_alive = ready
             async with self._turn(slot):
                 response = await self._answer(request)
@@ -499,8 +509,9 @@ class HttpServer:
                 answer = _encode(response, keep_alive)
             await self._send(stream, answer)
             if not keep_alive:
-                return
-            await self._hold_off(_retry_after(response), limits)
+                return True
+            if not slot.trusted:
+                await self._hold_off(_retry_after(response), limits)
 
     @contextlib.asynccontextmanager
     async def _turn(self, slot: Slot) -> AsyncIterator[None]:
@@ -515,10 +526,12 @@ class HttpServer:
             yield
 
     async def _hold_off(self, seconds: float, limits: ServerLimits) -> None:
-        """After an answer that says `Retry-After` (429, 503), read nothing more from
-        this connection for that long (at most the keep-alive timeout): a client that
-        pipelines past its rate limit costs one answer per Retry-After, not one per
-        request it queued. Shutdown ends the wait, as it ends any idle wait."""
+        """After an answer to an outsider that says `Retry-After` (429, 503), read
+        nothing more from its connection for that long (at most the keep-alive timeout):
+        a client that pipelines past its rate limit costs one answer per Retry-After,
+        not one per request it queued. (A validator's connection carries other work,
+        and its own client honours the answer.) Shutdown ends the wait, as it ends
+        any idle wait."""
         if seconds <= 0:
             return
         with trio.move_on_after(min(seconds, limits.keep_alive_timeout)) as wait:
