@@ -1,0 +1,190 @@
+"""The cluster simulator (`nox -s sim`): thousands of seeded runs with their invariants,
+same seed → same run byte for byte, a reintroduced bug it must catch, and the
+restart wiring of issue 15.
+
+ANNA_SIM_SEEDS (default 2000) sets how many seeds run, ANNA_SIM_WORKERS (default: the
+CPU count) over how many processes; ANNA_SIM_SEED=N runs seed N alone, in this process,
+and with ANNA_SIM_TRACE=DIR writes its full trace there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from anna_trio.crypto import observation_digest
+from anna_trio.own import OwnObservations
+
+from .cluster import Cluster, ClusterSpec, json_body
+from .network import Faults
+from .runner import SEED_ENV, TRACE_ENV, run_script, run_seed, run_seeds
+from .scenario import scenario_for
+
+SEEDS = int(os.environ.get("ANNA_SIM_SEEDS", "2000"))
+WORKERS = int(os.environ.get("ANNA_SIM_WORKERS", str(os.cpu_count() or 1)))
+
+
+def test_seeds() -> None:
+    """Every seed keeps every invariant; a failure names each broken invariant, with
+    the line that replays the seed."""
+    chosen = os.environ.get(SEED_ENV)
+    if chosen is not None:
+        result = run_seed(int(chosen))
+        if os.environ.get(TRACE_ENV):
+            path = Path(os.environ[TRACE_ENV]) / f"sim-seed-{chosen}.trace"
+            result.trace.write(path)
+            print(f"trace of seed {chosen}: {path} ({len(result.trace.lines)} lines)")
+        print(
+            json.dumps(
+                {"seed": int(chosen), "scenario": result.scenario.describe(), **result.stats}
+            )
+        )
+        assert not result.violations, result.report()
+        return
+    started = time.monotonic()
+    outcomes = run_seeds(range(SEEDS), WORKERS)
+    elapsed = time.monotonic() - started
+    print(
+        json.dumps(
+            {
+                "seeds": len(outcomes),
+                "workers": WORKERS,
+                "wall_seconds": round(elapsed, 1),
+                "seeds_per_second": round(len(outcomes) / elapsed, 2),
+                "cpu_seconds_per_seed": round(
+                    sum(o.cpu_seconds for o in outcomes) / len(outcomes), 3
+                ),
+                "requests": sum(o.requests for o in outcomes),
+                "rounds": sum(o.rounds for o in outcomes),
+                "by_size": {
+                    size: sum(1 for o in outcomes if o.size == size)
+                    for size in sorted({o.size for o in outcomes})
+                },
+            }
+        )
+    )
+    failures = [o.report for o in outcomes if o.report is not None]
+    assert not failures, f"{len(failures)} of {len(outcomes)} seeds failed:\n\n" + "\n\n".join(
+        failures[:10]
+    )
+
+
+def _busy_seed() -> int:
+    """The first seed whose run has Byzantine equivocation, kills and power cuts, and
+    a network that loses and duplicates messages."""
+    for seed in range(1000):
+        scenario = scenario_for(seed)
+        if (
+            "equivocate" in scenario.cluster.behaviours
+            and {"kill", "power-cut"} <= set(scenario.nemeses)
+            and scenario.faults.drop
+            and scenario.faults.duplicate
+        ):
+            return seed
+    raise AssertionError("no busy seed among the first 1000")
+
+
+def test_same_seed_same_run_byte_for_byte() -> None:
+    """Two runs of a seed give the same trace — every message and its answer, every
+    fault, nemesis event and log line — byte for byte, here and in a fresh process
+    (the replay line's promise); another seed gives another trace."""
+    seed = _busy_seed()
+    first, second = run_seed(seed), run_seed(seed)
+    assert len(first.trace.lines) > 500
+    assert first.trace.lines == second.trace.lines
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from sim.runner import run_seed; "
+        "print(run_seed(int(sys.argv[2])).trace.digest())"
+    )
+    fresh = subprocess.run(
+        [sys.executable, "-c", script, str(Path(__file__).parents[1]), str(seed)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")},
+    )
+    assert fresh.stdout.strip() == first.trace.digest()
+    assert run_seed(seed + 1).trace.digest() != first.trace.digest()
+
+
+def test_a_node_that_signs_again_after_a_restart_is_caught_with_its_seed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reintroduce a known bug — a restarted node ignores its stored own observations
+    and signs the round again — and the seeds with restarts report it: the broken
+    invariants by name, the seed, and the replay line."""
+
+    def forgetful_restore(self: OwnObservations, signed: object, on_disk_through: str) -> None:
+        """As if the sign-state were not kept: nothing restored, nothing on disk."""
+
+    monkeypatch.setattr(OwnObservations, "restore", forgetful_restore)
+    restarting = [s for s in range(200) if {"kill", "power-cut"} & set(scenario_for(s).nemeses)]
+    for seed in restarting[:40]:
+        result = run_seed(seed)
+        if result.violations:
+            break
+    else:
+        raise AssertionError(f"the bug went unseen in seeds {restarting[:40]}")
+    broken = {v.invariant for v in result.violations}
+    assert broken & {"sign-once", "honest-flagged"}, result.report()
+    report = result.report()
+    assert f"simulation seed {seed} broke" in report
+    assert f"ANNA_SIM_SEED={seed} nox -s sim" in report
+
+
+ROUND = "round_0001"
+
+
+def test_a_restarted_node_resends_its_restored_observation_without_a_pull() -> None:
+    """Issue 15's wiring: a node whose observation exists only in its own store is
+    restarted among live peers; they get it through /rpc/gossip at once — anti-entropy
+    (/rpc/sync) is cut off for the whole test, so no pull can have carried it."""
+
+    async def script(cluster: Cluster) -> None:
+        network = cluster.network
+        network.blocked_paths.add("/rpc/sync")
+        network.partition(frozenset({"node_003"}), frozenset({"node_001", "node_002"}))
+        with trio.fail_after(1.0):
+            answer = await cluster.ask(
+                "node_003", "POST", "/rpc/round/start", json_body({"round_id": ROUND})
+            )
+        assert answer is not None and answer.status == 202
+        node = cluster.running_nodes()["node_003"]
+        with trio.fail_after(1.0):
+            while (own := node.engine.observation_of(ROUND, "node_003")) is None:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        await cluster.kill("node_003")  # its outbox, never delivered, dies with it
+        network.heal()
+        peers = cluster.running_nodes(["node_001", "node_002"])
+        assert all(peer.engine.round(ROUND) is None for peer in peers.values())
+        await cluster.start("node_003")
+        restarted = trio.current_time()
+        with trio.fail_after(1.0):
+            while not all(  # noqa: ASYNC110 - engine state has no event to wait on
+                (held := peer.engine.observation_of(ROUND, "node_003")) is not None
+                and observation_digest(held) == observation_digest(own)
+                for peer in peers.values()
+            ):
+                await trio.sleep(0.01)
+        cluster.trace.add(
+            "test", f"peers hold it {trio.current_time() - restarted:.3f}s after the restart"
+        )
+
+    trace = run_script(ClusterSpec(size=3), script, faults=Faults(latency=0.002))
+    restart = max(i for i, line in enumerate(trace.lines) if "node_003#1 starts" in line)
+    pushes = [
+        line
+        for line in trace.lines[restart:]
+        if " send " in line and "node_003>node_00" in line and "/rpc/gossip" in line
+    ]
+    assert {line.split()[3].split(">")[1] for line in pushes if '"node_id":"node_003"' in line} == {
+        "node_001",
+        "node_002",
+    }
