@@ -19,14 +19,14 @@ from collections.abc import Iterable
 
 import trio
 
-from anna_trio.store import SCHEMA, Statement
+from anna_trio.store import Statement, create_schema
 
 from .process import Process
 
 
 def _open_database() -> sqlite3.Connection:
     db = sqlite3.connect(":memory:", isolation_level=None)
-    db.executescript(SCHEMA)
+    create_schema(db)
     return db
 
 
