@@ -341,7 +341,11 @@ class Node:
                 for round_id, window in self.engine.recent_windows(SYNC_ROUNDS)
                 if round_id not in request.summary
             ),
-            observations=tuple(self.engine.observations_missing_from(request.summary, SYNC_ROUNDS)),
+            observations=tuple(
+                self.engine.observations_missing_from(
+                    request.summary, SYNC_ROUNDS, request.fingerprints
+                )
+            ),
             evidence=tuple(
                 e
                 for e in self.engine.evidence()
@@ -355,6 +359,7 @@ class Node:
             summary={round_id: tuple(nodes) for round_id, nodes in summary.items()},
             known_evidence=frozenset((e.node_id, e.round_id) for e in self.engine.evidence()),
             sender=self.node_id,
+            fingerprints=self.engine.fingerprints(SYNC_ROUNDS),
         )
 
     # --- rounds ----------------------------------------------------------------------------

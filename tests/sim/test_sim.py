@@ -21,8 +21,10 @@ import trio
 
 from anna_trio.crypto import observation_digest
 from anna_trio.own import OwnObservations
+from anna_trio.peers import ANTI_ENTROPY_INTERVAL
 
 from .cluster import Cluster, ClusterSpec, json_body
+from .invariants import converged, node_state
 from .network import Faults
 from .runner import SEED_ENV, TRACE_ENV, run_script, run_seed, run_seeds
 from .scenario import scenario_for
@@ -188,3 +190,26 @@ def test_a_restarted_node_resends_its_restored_observation_without_a_pull() -> N
         "node_001",
         "node_002",
     }
+
+
+def test_an_equivocation_no_honest_node_saw_both_halves_of_still_converges() -> None:
+    """Regression, seeds 216 and 478 of the first scenario generator: a Byzantine node
+    starts a round and gives each peer one of two observations, so no honest node sees
+    both; anti-entropy must still bring them together (each honest node marks it, all
+    agree on the result) instead of leaving each with the half it was given."""
+    spec = ClusterSpec(
+        size=4, byzantine=frozenset({"node_004"}), behaviours=frozenset({"equivocate"})
+    )
+
+    async def script(cluster: Cluster) -> None:
+        with trio.fail_after(1.0):
+            answer = await cluster.ask(
+                "node_004", "POST", "/rpc/round/start", json_body({"round_id": ROUND})
+            )
+        assert answer is not None and answer.status == 202
+        await trio.sleep(spec.round_timeout + 4 * ANTI_ENTROPY_INTERVAL)
+        nodes = cluster.running_nodes()
+        assert converged(nodes), {n: node_state(node) for n, node in nodes.items()}
+        assert all("node_004" in node.engine.byzantine for node in nodes.values())
+
+    run_script(spec, script, faults=Faults(latency=0.002))
