@@ -27,7 +27,7 @@ from anna_trio.transport.server import Request, Response
 
 from .network import Sender
 
-MISCHIEF_RATE = 4.0  # messages per second from each replaying or garbage-sending node
+MISCHIEF_RATE = 2.0  # messages per second from each replaying or garbage-sending node
 NODE_TO_NODE = ("/rpc/gossip", "/rpc/sync", "/rpc/submit")
 
 

@@ -11,6 +11,7 @@ power cut), `stop` the SIGTERM path.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import random
@@ -181,6 +182,7 @@ class Cluster:
                 )
         self._rounds_on = spec.interval > 0
         self._nursery: trio.Nursery | None = None
+        self.outages: collections.Counter[str] = collections.Counter()  # kills, power cuts…
 
     def rng(self, stream: str) -> random.Random:
         """An independent seeded stream (str seeds hash with SHA-512, not hash())."""
@@ -239,6 +241,8 @@ class Cluster:
             await running.ended.wait()
         sim_node.running = None
         lost = sim_node.media.power_cut() if power_cut else 0
+        self.outages["power cuts" if power_cut else "kills"] += 1
+        self.outages["transactions lost"] += lost
         what = f"power cut: {lost} unsynced transactions lost" if power_cut else "kill -9"
         self.trace.add("nemesis", f"{running.process!r} {what}")
 
@@ -252,6 +256,7 @@ class Cluster:
         with trio.CancelScope(shield=True):
             await running.ended.wait()
         sim_node.running = None
+        self.outages["clean restarts"] += 1
         self.trace.add("nemesis", f"{running.process!r} stopped")
 
     def stop_rounds(self) -> None:

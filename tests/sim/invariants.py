@@ -72,6 +72,11 @@ def _loads(body: bytes) -> Any:
         return None
 
 
+def _names(node_id: str, body: bytes) -> bool:
+    """Whether the body may hold an observation of `node_id` (a cheap test first)."""
+    return f'"node_id":"{node_id}"'.encode() in body
+
+
 def _items(payload: Any, key: str) -> list[Any]:
     value = payload.get(key) if isinstance(payload, dict) else None
     return value if isinstance(value, list) else []
@@ -85,7 +90,7 @@ class Checker:
         self.honest = frozenset(honest)
         self.violations: list[Violation] = []
         self._reported: set[tuple[str, str]] = set()
-        self._valid: dict[str, bool] = {}  # digest -> signature verifies
+        self._parsed: dict[str, Observation | None] = {}  # JSON text -> valid observation
         # Per honest node: what it acknowledged, saw, and sent as its own.
         self._acked_rounds: dict[str, set[str]] = {n: set() for n in self.honest}
         self._acked_obs: dict[str, set[tuple[str, str, str]]] = {n: set() for n in self.honest}
@@ -104,19 +109,23 @@ class Checker:
     # --- parsing what went over the wire ------------------------------------------------
 
     def _observation(self, data: Any) -> Observation | None:
-        """The observation if it is one and validly signed by a validator."""
+        """The observation if it is one and validly signed by a validator (each
+        distinct JSON object is parsed and verified once: most are re-sent many times)."""
+        try:
+            text = json.dumps(data, separators=(",", ":"))
+        except (TypeError, ValueError, RecursionError):
+            return None
+        if text not in self._parsed:
+            self._parsed[text] = self._parse(data)
+        return self._parsed[text]
+
+    def _parse(self, data: Any) -> Observation | None:
         try:
             obs = parse_observation(data)
         except ObservationError:
             return None
         key = self._pubkeys.get(obs.node_id)
-        if key is None:
-            return None
-        digest = observation_digest(obs)
-        valid = self._valid.get(digest)
-        if valid is None:
-            valid = self._valid[digest] = verify_observation(obs, key)
-        return obs if valid else None
+        return obs if key is not None and verify_observation(obs, key) else None
 
     def _evidence(self, item: Any) -> tuple[Observation, Observation] | None:
         if not isinstance(item, dict):
@@ -133,7 +142,7 @@ class Checker:
     # --- network hooks (network.Watcher) -----------------------------------------------
 
     def sent(self, sender: Sender, target: str, path: str, body: bytes) -> None:
-        if sender.name in self.honest and sender.process is not None and b"observations" in body:
+        if sender.name in self.honest and sender.process is not None and _names(sender.name, body):
             for item in _items(_loads(body), "observations"):
                 self._note_own(sender.name, item)
 
@@ -144,7 +153,7 @@ class Checker:
             )
         if target not in self.honest:
             return
-        if b"observations" in response.body:
+        if _names(target, response.body):
             for item in _items(_loads(response.body), "observations"):
                 self._note_own(target, item)
         if 200 <= response.status < 300 and request.path in ACKED_PATHS:

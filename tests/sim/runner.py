@@ -32,13 +32,16 @@ from .scenario import Scenario, nemesis, operator, scenario_for
 from .trace import Trace
 
 SEED_ENV = "ANNA_SIM_SEED"
+SIZE_ENV = "ANNA_SIM_SIZE"  # with the seed: its scenario on this many nodes
 TRACE_ENV = "ANNA_SIM_TRACE"
 CHECK_PERIOD = 1.0
 SETTLE_POLL = 0.25
 
 
-def replay_command(seed: int) -> str:
+def replay_command(seed: int, size: int | None = None) -> str:
     line = f"{SEED_ENV}={seed} nox -s sim"
+    if size is not None:
+        line = f"{SIZE_ENV}={size} {line}"
     hash_seed = os.environ.get("PYTHONHASHSEED")
     if hash_seed != "0":  # nox pins it to 0; a run without it replays only with its own
         line += f"  (this run had PYTHONHASHSEED={hash_seed or 'unset, random'})"
@@ -78,6 +81,7 @@ class SimResult:
     violations: tuple[Violation, ...]
     trace: Trace
     stats: dict[str, Any]
+    replay: str
 
     @property
     def seed(self) -> int:
@@ -88,16 +92,21 @@ class SimResult:
             f"simulation seed {self.seed} broke {len(self.violations)} invariant(s) "
             f"[{self.scenario.describe()}]:",
             *(f"  {violation}" for violation in self.violations),
-            f"replay: {replay_command(self.seed)}",
+            f"replay: {self.replay}",
         ]
         return "\n".join(lines)
 
 
 def run_seed(
-    seed: int, *, scenario: Scenario | None = None, trace_bodies: bool = True
+    seed: int,
+    *,
+    size: int | None = None,
+    scenario: Scenario | None = None,
+    trace_bodies: bool = True,
 ) -> SimResult:
-    """Simulate `scenario` (by default, the seed's) and check every invariant."""
-    scenario = scenario or scenario_for(seed)
+    """Simulate `scenario` (by default the seed's, on `size` nodes if given) and check
+    every invariant."""
+    scenario = scenario or scenario_for(seed, size=size)
     trace = Trace()
     stats: dict[str, Any] = {}
     violations: list[Violation] = []
@@ -117,7 +126,7 @@ def run_seed(
             text = "".join(traceback.format_exception(exc))
             trace.add("crash", text)
             violations.append(Violation("crash", "\n".join(text.splitlines()[-25:]), -1.0))
-    return SimResult(scenario, tuple(violations), trace, stats)
+    return SimResult(scenario, tuple(violations), trace, stats, replay_command(seed, size))
 
 
 async def simulate(
@@ -178,7 +187,13 @@ async def simulate(
             rounds=len(next(iter(nodes.values())).engine.round_ids()),
             requests=dict(cluster.network.requests),
             bytes=dict(cluster.network.bytes),
-            processes=sum(n.processes for n in cluster.nodes.values()),
+            outages=dict(cluster.outages),
+            equivocators_marked=sum(
+                1
+                for node in nodes.values()
+                for record in node.engine.byzantine.values()
+                if record.node_id in cluster.spec.byzantine
+            ),
         )
     violations.extend(cluster.checker.violations)
 
@@ -208,11 +223,19 @@ class Outcome:
     cpu_seconds: float
     requests: int
     rounds: int
+    outages: dict[str, int]
+    equivocators_marked: int
 
 
-def outcome_of(seed: int) -> Outcome:
+Case = tuple[int, int | None]
+"""A seed, and the cluster size to run its scenario on (None: the seed's own)."""
+
+
+def outcome_of(case: Case) -> Outcome:
+    """One seed's run in a worker: its report, not its trace (bodies left out of it)."""
+    seed, size = case
     started = time.process_time()
-    result = run_seed(seed)
+    result = run_seed(seed, size=size, trace_bodies=False)
     return Outcome(
         seed=seed,
         size=result.scenario.cluster.size,
@@ -220,17 +243,20 @@ def outcome_of(seed: int) -> Outcome:
         cpu_seconds=time.process_time() - started,
         requests=sum(result.stats.get("requests", {}).values()),
         rounds=result.stats.get("rounds", 0),
+        outages=result.stats.get("outages", {}),
+        equivocators_marked=result.stats.get("equivocators_marked", 0),
     )
 
 
-def run_seeds(seeds: Sequence[int], workers: int) -> list[Outcome]:
-    """Every seed, spread over `workers` processes (spawned: no state shared with
-    this one, and each seeds its own Trio scheduler per run)."""
+def run_seeds(cases: Sequence[Case], workers: int) -> list[Outcome]:
+    """Every case, spread over `workers` processes (spawned: no state shared with
+    this one, and each seeds its own Trio scheduler per run), in order."""
     if workers <= 1:
-        return [outcome_of(seed) for seed in seeds]
+        return [outcome_of(case) for case in cases]
     context = multiprocessing.get_context("spawn")
+    chunks = max(1, len(cases) // (workers * 20))
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return list(pool.map(outcome_of, seeds, chunksize=max(1, len(seeds) // (workers * 20))))
+        return list(pool.map(outcome_of, cases, chunksize=chunks))
 
 
 def run_script(
@@ -239,13 +265,16 @@ def run_script(
     *,
     seed: int = 0,
     faults: Faults | None = None,
+    trace_bodies: bool = True,
 ) -> Trace:
     """A hand-written run: `script` drives a started cluster (and asserts); the trace
     comes back. Deterministic like a seed's run."""
     trace = Trace()
 
     async def main(directory: Path) -> None:
-        cluster = Cluster(spec, seed=seed, trace=trace, directory=directory)
+        cluster = Cluster(
+            spec, seed=seed, trace=trace, directory=directory, trace_bodies=trace_bodies
+        )
         cluster.network.faults = faults or Faults()
         async with cluster.running():
             await script(cluster)
