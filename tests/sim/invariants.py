@@ -41,6 +41,7 @@ INVARIANTS = {
     "diverged": "honest nodes converge after the heal",
     "server-error": "no request is answered 500",
     "idempotency": "a repeated Idempotency-Key gets the first answer",
+    "unaudited": "every Byzantine mark an honest node holds has its entry in its audit log",
     "crash": "no node process dies of an exception",
 }
 
@@ -380,19 +381,22 @@ class Checker:
                 )
             used[audit_id] = what
 
+        audited: set[str] = set()
         with audit_log.open("rb") as lines:
             for line in lines:
                 entry = json.loads(line)
                 use(entry["audit_id"], f"audit entry {entry['event']}")
-                if (
-                    entry["event"] == "byzantine_detected"
-                    and entry["byzantine_node"] in self.honest
-                ):
-                    self.violate(
-                        "honest-flagged",
-                        f"{node_id}'s audit log records honest {entry['byzantine_node']} as Byzantine",
-                        key=f"{node_id}|{entry['byzantine_node']}",
-                    )
+                if entry["event"] == "byzantine_detected":
+                    audited.add(entry["byzantine_node"])
+                    if entry["byzantine_node"] in self.honest:
+                        self.violate(
+                            "honest-flagged",
+                            f"{node_id}'s audit log records honest {entry['byzantine_node']} "
+                            "as Byzantine",
+                            key=f"{node_id}|{entry['byzantine_node']}",
+                        )
+        for marked in sorted(set(node.engine.byzantine) - audited):
+            self.violate("unaudited", f"{node_id} marks {marked} Byzantine; its audit log does not")
         for (body,) in node.store.disk.db.execute("SELECT body FROM own ORDER BY round_id"):
             obs = parse_observation(json.loads(body))
             use(obs.audit_id, f"its observation for {obs.round_id}")
