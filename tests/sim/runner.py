@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -30,6 +30,9 @@ from .invariants import Violation, converged
 from .network import Faults
 from .scenario import Scenario, nemesis, operator, scenario_for
 from .trace import Trace
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 SEED_ENV = "ANNA_SIM_SEED"
 SIZE_ENV = "ANNA_SIM_SIZE"  # with the seed: its scenario on this many nodes
@@ -248,15 +251,20 @@ def outcome_of(case: Case) -> Outcome:
     )
 
 
-def run_seeds(cases: Sequence[Case], workers: int) -> list[Outcome]:
-    """Every case, spread over `workers` processes (spawned: no state shared with
-    this one, and each seeds its own Trio scheduler per run), in order."""
+def in_workers(work: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
+    """`work` on every item, spread over `workers` processes (spawned: no state shared
+    with this one; every run seeds its own Trio scheduler), answers in order. Items are
+    handed out in order, a few at a time: put the long ones first."""
     if workers <= 1:
-        return [outcome_of(case) for case in cases]
+        return [work(item) for item in items]
     context = multiprocessing.get_context("spawn")
-    chunks = max(1, len(cases) // (workers * 20))
+    chunks = max(1, len(items) // (workers * 40))
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return list(pool.map(outcome_of, cases, chunksize=chunks))
+        return list(pool.map(work, items, chunksize=chunks))
+
+
+def run_seeds(cases: Sequence[Case], workers: int) -> list[Outcome]:
+    return in_workers(outcome_of, cases, workers)
 
 
 def run_script(

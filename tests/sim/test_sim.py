@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -32,6 +33,7 @@ from .runner import (
     SEED_ENV,
     SIZE_ENV,
     TRACE_ENV,
+    Case,
     SimResult,
     run_script,
     run_seed,
@@ -43,9 +45,30 @@ SEEDS = int(os.environ.get("ANNA_SIM_SEEDS", "2000"))
 WORKERS = int(os.environ.get("ANNA_SIM_WORKERS", str(os.cpu_count() or 1)))
 
 
+def _faulty_seeds(size: int, count: int) -> list[int]:
+    """The first seeds whose scenario on `size` nodes has equivocating Byzantine nodes,
+    nemeses and a lossy network."""
+    found = []
+    for seed in range(1000):
+        scenario = scenario_for(seed, size=size)
+        if (
+            "equivocate" in scenario.cluster.behaviours
+            and scenario.nemeses
+            and scenario.faults.drop
+        ):
+            found.append(seed)
+        if len(found) == count:
+            return found
+    raise AssertionError(f"fewer than {count} such seeds on {size} nodes")
+
+
+LARGE = ((50, 1), (25, 2))  # (cluster size, how many seeds)
+
+
 def test_seeds() -> None:
-    """Every seed keeps every invariant; a failure names each broken invariant, with
-    the line that replays the seed."""
+    """Every seed keeps every invariant: SEEDS of 3-7 nodes, and a few fault scenarios
+    on 25 and 50 nodes (first, being the longest). A failure names each broken
+    invariant, with the line that replays the seed."""
     chosen = os.environ.get(SEED_ENV)
     if chosen is not None:
         size = os.environ.get(SIZE_ENV)
@@ -62,31 +85,32 @@ def test_seeds() -> None:
         assert not result.violations, result.report()
         return
     started = time.monotonic()
-    outcomes = run_seeds([(seed, None) for seed in range(SEEDS)], WORKERS)
+    large: list[Case] = [(seed, n) for n, count in LARGE for seed in _faulty_seeds(n, count)]
+    every = run_seeds([*large, *((seed, None) for seed in range(SEEDS))], WORKERS)
     elapsed = time.monotonic() - started
+    for outcome in every[: len(large)]:
+        print(json.dumps(attrs.asdict(outcome)))
+    seeds = every[len(large) :]
     print(
         json.dumps(
             {
-                "seeds": len(outcomes),
+                "seeds": len(seeds),
                 "workers": WORKERS,
                 "wall_seconds": round(elapsed, 1),
-                "seeds_per_second": round(len(outcomes) / elapsed, 2),
-                "cpu_seconds_per_seed": round(
-                    sum(o.cpu_seconds for o in outcomes) / len(outcomes), 3
-                ),
-                "requests": sum(o.requests for o in outcomes),
-                "rounds": sum(o.rounds for o in outcomes),
-                "outages": dict(sum((Counter(o.outages) for o in outcomes), Counter())),
-                "equivocators_marked": sum(o.equivocators_marked for o in outcomes),
+                "seeds_per_second": round(len(seeds) / elapsed, 2),
+                "cpu_seconds_per_seed": round(sum(o.cpu_seconds for o in seeds) / len(seeds), 3),
+                "requests": sum(o.requests for o in seeds),
+                "rounds": sum(o.rounds for o in seeds),
+                "outages": dict(sum((Counter(o.outages) for o in seeds), Counter())),
+                "equivocators_marked": sum(o.equivocators_marked for o in seeds),
                 "by_size": {
-                    size: sum(1 for o in outcomes if o.size == size)
-                    for size in sorted({o.size for o in outcomes})
+                    n: sum(1 for o in seeds if o.size == n) for n in sorted({o.size for o in seeds})
                 },
             }
         )
     )
-    failures = [o.report for o in outcomes if o.report is not None]
-    assert not failures, f"{len(failures)} of {len(outcomes)} seeds failed:\n\n" + "\n\n".join(
+    failures = [o.report for o in every if o.report is not None]
+    assert not failures, f"{len(failures)} of {len(every)} runs failed:\n\n" + "\n\n".join(
         failures[:10]
     )
 
