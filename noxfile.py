@@ -7,7 +7,7 @@ import shutil
 
 import nox
 
-nox.options.sessions = ["lint", "tests", "chaos", "browser", "powerloss", "deploy"]
+nox.options.sessions = ["lint", "tests", "sim", "chaos", "browser", "powerloss", "deploy"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -31,9 +31,24 @@ def tests(session: nox.Session) -> None:
         "--ignore=tests/powerloss",
         "--ignore=tests/deploy",
         "--ignore=tests/browser",
+        "--ignore=tests/sim",
         *args,
         env={"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")},
     )
+
+
+@nox.session(python="3.11")
+def sim(session: nox.Session) -> None:
+    """The deterministic cluster simulator (tests/sim): 2,000 seeded runs of 3-7 real
+    nodes in one process, 25- and 50-node clusters, determinism and its own failure.
+
+    ANNA_SIM_SEED=N replays seed N alone (ANNA_SIM_TRACE=DIR writes its trace there);
+    ANNA_SIM_SEEDS sets how many seeds run, ANNA_SIM_WORKERS over how many processes.
+    PYTHONHASHSEED is pinned: set iteration order is part of a run.
+    """
+    session.install("-e", ".[test]")
+    args = session.posargs or ["-q", "-p", "no:cacheprovider", "-s"]
+    session.run("pytest", "tests/sim", *args, env={"PYTHONHASHSEED": "0"})
 
 
 @nox.session(python="3.11")

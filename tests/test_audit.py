@@ -95,6 +95,20 @@ def test_open_reads_only_the_tail(tmp_path: Path) -> None:
     log.close()
 
 
+def test_recent_entries_are_the_last_ones_oldest_first(tmp_path: Path) -> None:
+    """recent_entries(n): the last n entries, across read-back chunks; all of a short log."""
+    path = tmp_path / "audit.jsonl"
+    written = write_entries(path, 3)
+    log = AuditLog.open(path, "node_001", AuditIdAllocator())
+    try:
+        written += [log.append("daemon_start", {"pad": "x" * 30_000}) for _ in range(5)]
+        assert log.recent_entries(4) == written[-4:]
+        assert log.recent_entries(50) == written
+        assert log.recent_entries(0) == []
+    finally:
+        log.close()
+
+
 def test_tail_read_handles_lines_longer_than_one_chunk(tmp_path: Path) -> None:
     """A last entry bigger than the 64 KiB read-back chunk is still found whole."""
     path = tmp_path / "audit.jsonl"

@@ -389,6 +389,42 @@ def test_summary_marks_rounds_holding_every_validator() -> None:
     ]
 
 
+def test_fingerprints_bring_an_equivocators_other_half_to_the_asker() -> None:
+    """Asker and answerer hold every validator of r1, each a different half of C's
+    equivocation: the summary alone (ALL_HELD) gets nothing back; with the asker's
+    fingerprints the answerer sends its observations of r1, the asker sees the
+    conflict, and once both hold the same nothing more is sent."""
+    first, second = conflicting(C, "r1")
+    asker, answerer = make_engine(), make_engine()
+    for engine, half in ((asker, first), (answerer, second)):
+        feed(engine, "r1", {A: 0.5, B: 0.5})
+        engine.add_observation(half, 0.0)
+    assert asker.summary(10) == answerer.summary(10) == {"r1": [ALL_HELD]}
+    assert answerer.observations_missing_from(asker.summary(10), 10) == []
+    sent = answerer.observations_missing_from(asker.summary(10), 10, asker.fingerprints(10))
+    assert second in sent
+    assert ConflictDetected in map(type, asker.add_observations(sent, 0.0))
+    answerer.add_observation(first, 0.0)
+    assert asker.fingerprints(10) == answerer.fingerprints(10)
+    assert answerer.observations_missing_from(asker.summary(10), 10, asker.fingerprints(10)) == []
+
+
+def test_fingerprints_of_a_partly_held_round() -> None:
+    """The answerer compares over the nodes the asker lists: equal there, it sends only
+    what the asker lacks; unable to compare (it lacks one of them), it sends what it has
+    that the asker lacks, as without fingerprints."""
+    asker, answerer = make_engine(), make_engine()
+    feed(asker, "r1", {A: 0.5})
+    feed(answerer, "r1", {A: 0.5, B: 0.5})
+    prints = asker.fingerprints(10)
+    assert answerer.observations_missing_from(asker.summary(10), 10, prints) == [
+        answerer.observation_of("r1", B)
+    ]
+    assert (
+        asker.observations_missing_from(answerer.summary(10), 10, answerer.fingerprints(10)) == []
+    )
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     first=st.sets(st.tuples(st.sampled_from(["r1", "r2", "r3"]), st.sampled_from([A, B, C]))),

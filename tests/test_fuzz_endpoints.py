@@ -697,8 +697,17 @@ def sync_bodies(bases: list[dict[str, Any]]) -> st.SearchStrategy[bytes]:
         st.lists(st.tuples(node_ids, round_ids).map(list), max_size=4),
         json_junk,
     )
+    fingerprints = st.one_of(
+        st.dictionaries(round_ids, st.text(max_size=16) | json_junk, max_size=4), json_junk
+    )
     payload = st.fixed_dictionaries(
-        {}, optional={"from": json_junk, "summary": summary, "evidence": known_evidence}
+        {},
+        optional={
+            "from": json_junk,
+            "summary": summary,
+            "evidence": known_evidence,
+            "fingerprints": fingerprints,
+        },
     )
     return st.one_of(payload, json_junk).map(dumps)
 

@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from anna_trio.rpc.views import round_json, status_json
 from anna_trio.seams import Clock, Outbox
 from anna_trio.state.migration import migrate_state
 from anna_trio.state.statefile import StateFile
+from anna_trio.store import Store
 from anna_trio.transport.server import Request, json_response
 from anna_trio.wire import Batch, SyncAnswer, parse_batch, parse_sync_request
 from inline_store import InlineStore
@@ -467,3 +469,28 @@ async def test_a_sync_answer_is_capped_and_the_rest_comes_on_the_next_pull(
         sizes = [len(answer.observations) for answer in answers]
         assert sizes == [SYNC_ANSWER_ITEMS, RETAIN * 41 - SYNC_ANSWER_ITEMS]
         assert sum(map(len, held.values())) == RETAIN * 41
+
+
+async def test_an_audit_entry_a_crash_cut_off_is_written_at_the_next_start(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A decision committed with its audit intent, the process killed before the entry
+    was appended (cluster simulator, seed 207): the next start writes the entry. An
+    intent whose entry did reach the log is not written twice; both intents go with
+    the next commit."""
+    cut_off = {"byzantine_node": "node_002", "reason": "ConflictingObservations", "round_id": "r1"}
+    reached = {**cut_off, "byzantine_node": "node_003"}
+    async with started(tmp_path, "node_002", "node_003") as node:
+        await node.store.commit(
+            [
+                Store.audit_intent_stmt("byzantine_detected", cut_off),
+                Store.audit_intent_stmt("byzantine_detected", reached),
+            ]
+        )
+        await run_inline(partial(node._audit.append, "byzantine_detected", reached))
+    async with started(tmp_path, "node_002", "node_003") as node:
+        assert await node.start_round("r2", 24) == "r2"
+        assert node.store.audit_intents() == []
+    entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    detected = [e["byzantine_node"] for e in entries if e["event"] == "byzantine_detected"]
+    assert sorted(detected) == ["node_002", "node_003"]

@@ -355,6 +355,16 @@ class AuditLog:
             Anchor(audit_id, entry["hash"]).write(self.anchor_path)
             return entry
 
+    def recent_entries(self, count: int) -> list[dict[str, Any]]:
+        """The last `count` entries (fewer in a shorter log), oldest first; blocking."""
+        with self._lock:
+            end = os.fstat(self._fd).st_size
+            start, lines = end, [b""]
+            while start > 0 and len(lines) <= count + 1:
+                start = max(0, start - _TAIL_CHUNK)
+                lines = os.pread(self._fd, end - start, start).split(b"\n")
+        return [json.loads(line) for line in lines[-count - 1 :] if line][-count:]
+
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import json
 import logging
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -24,11 +25,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from . import crypto, failpoints
 from ._exceptions import ObservationError
-from .audit import AuditIdAllocator, AuditLog
+from .audit import RESERVED_FIELDS, AuditIdAllocator, AuditLog
 from .consensus import COMPLETE, PENDING
 from .consensus import events as ev
 from .consensus.engine import Engine, EngineConfig, RoundView
-from .effects import Effects, effects_of
+from .effects import AuditEntry, Effects, effects_of
 from .metrics import Metrics
 from .models import ClusterConfig, Evidence, Observation, parse_observation
 from .own import Claim, OwnObservations
@@ -56,6 +57,7 @@ SYNC_ANSWER_ITEMS = 128  # observations + 2 x evidence per sync answer; "more": 
 AVERAGE_WINDOW = 100
 STATE_WRITE_INTERVAL = 1.0
 OWN_ANSWER_WAIT = 0.2
+RECENT_AUDIT_SLACK = 16  # entries besides the intents' own that may follow them in the log
 
 
 class SubmitOutcome(enum.Enum):
@@ -140,6 +142,8 @@ class Node:
         self._completed_tis: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._rounds_completed = 0
         self._audit_lock = trio.Lock()
+        self._audited: list[Statement] = []  # drop these intents: their entries are written
+        self._unwritten: list[AuditEntry] = []
         self._state_dirty = trio.Event()
         self._deadline_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -183,6 +187,7 @@ class Node:
         for evidence in data.evidence:
             self.engine.add_evidence(evidence, now)
         self.own.restore(data.own, data.own_not_loaded_through)
+        self._unwritten = self._unwritten_audits()
         if self._state_file is not None:
             self._rounds_completed = int(
                 self._state_file.data.get("consensus", {}).get("rounds_completed", 0)
@@ -203,6 +208,10 @@ class Node:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Round deadlines, state.json upkeep and own-observation tasks live here. What
         start-up restored is re-sent at once: it waits in the outbox for the links."""
+        for entry in self._unwritten:
+            log.warning("writing the audit entry a crash cut off: %s %s", entry.event, entry.fields)
+            await self._write_audit(entry)
+        self._unwritten = []
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._state_writer)
@@ -342,7 +351,9 @@ class Node:
             if (e.node_id, e.round_id) not in request.known_evidence
         ]
         evidence = lacking[: SYNC_ANSWER_ITEMS // 2]
-        missing = self.engine.observations_missing_from(request.summary, SYNC_ROUNDS)
+        missing = self.engine.observations_missing_from(
+            request.summary, SYNC_ROUNDS, request.fingerprints
+        )
         room = SYNC_ANSWER_ITEMS - 2 * len(evidence)
         return SyncAnswer(
             rounds=tuple(
@@ -362,6 +373,7 @@ class Node:
             summary={round_id: tuple(nodes) for round_id, nodes in summary.items()},
             known_evidence=frozenset((e.node_id, e.round_id) for e in self.engine.evidence()),
             sender=self.node_id,
+            fingerprints=self.engine.fingerprints(SYNC_ROUNDS),
         )
 
     # --- rounds ----------------------------------------------------------------------------
@@ -470,10 +482,16 @@ class Node:
             if self._relays.hold(obs):
                 self._add_timer(RELAY_LINGER, RELAY, obs.round_id)
         with trio.CancelScope(shield=True):
-            await self.store.commit(effects.statements)
+            written, self._audited = self._audited, []
+            await self.store.commit(
+                [
+                    *written,
+                    *effects.statements,
+                    *(Store.audit_intent_stmt(e.event, e.fields) for e in effects.audits),
+                ]
+            )
             for entry in effects.audits:
-                async with self._audit_lock:
-                    await self._run_blocking(partial(self._audit.append, entry.event, entry.fields))
+                await self._write_audit(entry)
             for message in effects.broadcasts:
                 self._outbox.broadcast(message.kind, message.item, exclude=message.exclude)
         for round_id in effects.release_relays:
@@ -482,6 +500,38 @@ class Node:
         if effects.state_dirty:
             self.mark_state_dirty()
         self._deadline_changed.set()
+
+    async def _write_audit(self, entry: AuditEntry) -> None:
+        """Append the entry, and let the next commit drop its intent."""
+        async with self._audit_lock:
+            await self._run_blocking(partial(self._audit.append, entry.event, entry.fields))
+        self._audited.append(Store.audit_done_stmt(entry.event, entry.fields))
+
+    def _unwritten_audits(self) -> list[AuditEntry]:
+        """The committed decisions' audit entries the log lacks: the process died
+        between a commit and its appends (found by the cluster simulator, seed 207).
+        Each intent's entry, if written, is among the log's last few: the commit after
+        its append drops the intent."""
+        intents = self.store.audit_intents()
+        if not intents:
+            return []
+        recent = self._audit.recent_entries(len(intents) + RECENT_AUDIT_SLACK)
+        logged = {
+            (
+                e["event"],
+                json.dumps(
+                    {k: v for k, v in e.items() if k not in RESERVED_FIELDS}, sort_keys=True
+                ),
+            )
+            for e in recent
+        }
+        unwritten = []
+        for event, fields in intents:
+            if (event, json.dumps(fields, sort_keys=True)) in logged:
+                self._audited.append(Store.audit_done_stmt(event, fields))
+            else:
+                unwritten.append(AuditEntry(event, fields))
+        return unwritten
 
     def _count(self, effects: Effects) -> None:
         metrics = self.metrics

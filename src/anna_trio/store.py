@@ -60,6 +60,11 @@ CREATE TABLE IF NOT EXISTS own (
     round_id TEXT PRIMARY KEY,
     body TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit_intents (
+    key TEXT PRIMARY KEY,
+    event TEXT NOT NULL,
+    fields TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY,
     status INTEGER NOT NULL,
@@ -98,6 +103,10 @@ Statement = tuple[str, tuple[Any, ...]]
 # Commits between WAL checkpoints: a round's commit appends 2–5 pages, so about SQLite's
 # own auto-checkpoint size of 1000 pages.
 CHECKPOINT_EVERY = 256
+
+
+def _intent_key(event: str, fields: dict[str, Any]) -> str:
+    return json.dumps([event, fields], sort_keys=True, separators=(",", ":"))
 
 
 def _obs_json(obs: Observation) -> str:
@@ -249,6 +258,29 @@ class Store:
             "INSERT OR IGNORE INTO evidence VALUES (?, ?, ?)",
             (evidence.node_id, evidence.round_id, body),
         )
+
+    @staticmethod
+    def audit_intent_stmt(event: str, fields: dict[str, Any]) -> Statement:
+        """An audit entry a decision committed with it calls for, until it is written
+        (`audit_done_stmt`): a process that dies between the commit and the append
+        writes it at its next start."""
+        return (
+            "INSERT OR IGNORE INTO audit_intents VALUES (?, ?, ?)",
+            (_intent_key(event, fields), event, json.dumps(fields, sort_keys=True)),
+        )
+
+    @staticmethod
+    def audit_done_stmt(event: str, fields: dict[str, Any]) -> Statement:
+        return ("DELETE FROM audit_intents WHERE key = ?", (_intent_key(event, fields),))
+
+    def audit_intents(self) -> list[tuple[str, dict[str, Any]]]:
+        """(event, fields) of the audit entries committed decisions still call for."""
+        return [
+            (str(event), json.loads(fields))
+            for event, fields in self._db.execute(
+                "SELECT event, fields FROM audit_intents ORDER BY rowid"
+            )
+        ]
 
     @staticmethod
     def own_stmt(obs: Observation) -> Statement:

@@ -56,6 +56,7 @@ class SyncRequest:
     summary: Mapping[str, tuple[str, ...]]
     known_evidence: frozenset[tuple[str, str]]  # (node_id, round_id)
     sender: str | None = None
+    fingerprints: Mapping[str, str] = attrs.field(factory=dict)  # round -> held_fingerprint
 
 
 @attrs.frozen
@@ -106,9 +107,15 @@ def parse_sync_request(payload: Any) -> SyncRequest:
         isinstance(v, list) and all(isinstance(n, str) for n in v) for v in summary.values()
     ):
         raise MessageError(422, "invalid_request", "summary values must be lists of node ids")
+    fingerprints = payload.get("fingerprints", {})
+    if not isinstance(fingerprints, dict) or not all(
+        isinstance(v, str) for v in fingerprints.values()
+    ):
+        raise MessageError(422, "invalid_request", "fingerprints must map round ids to strings")
     sender = payload.get("from")
     return SyncRequest(
         summary={round_id: tuple(nodes) for round_id, nodes in summary.items()},
+        fingerprints=fingerprints,
         known_evidence=frozenset(
             (k[0], k[1])
             for k in known
@@ -126,6 +133,7 @@ def sync_request_json(request: SyncRequest) -> dict[str, Any]:
     return {
         "from": request.sender,
         "summary": {round_id: list(nodes) for round_id, nodes in request.summary.items()},
+        "fingerprints": dict(request.fingerprints),
         "evidence": [list(key) for key in sorted(request.known_evidence)],
     }
 

@@ -65,6 +65,7 @@ PENDING = "Pending"
 COMPLETE = "Complete"
 FAILED = "Failed"
 ALL_HELD = "*"  # in an anti-entropy summary: "I hold every validator's observation"
+FINGERPRINT_HEX = 16
 
 _REASON_RANK = {CONFLICTING_OBSERVATIONS: 0, EXCESSIVE_DEVIATION: 1}
 
@@ -156,6 +157,8 @@ class _Round:
     held: dict[str, Observation] = attrs.Factory(dict)
     """node id -> its observation; with a conflict, the one with the smallest digest."""
     digests: dict[str, str] = attrs.Factory(dict)
+    fingerprint: str | None = None
+    """`held_fingerprint` of `digests`, kept until `held` changes."""
     seen: set[str] = attrs.Factory(set)
     """Digests of every observation learned for this round, conflicting ones included."""
     evidence: dict[str, Evidence] = attrs.Factory(dict)
@@ -167,6 +170,22 @@ class _Round:
     result: RoundResult = EMPTY_RESULT
     base_complete: bool = False
     deviants: frozenset[str] = frozenset()
+
+
+def _hold(state: _Round, obs: Observation, digest: str) -> None:
+    """The observation the round counts for its node (with a conflict, the smaller digest)."""
+    state.held[obs.node_id] = obs
+    state.digests[obs.node_id] = digest
+    state.fingerprint = None
+
+
+def held_fingerprint(digests: Iterable[tuple[str, str]]) -> str:
+    """Identity of a set of (node id, observation digest) pairs: equal sets, equal
+    prints. 64 bits: an equivocator cannot grind a second observation that collides."""
+    hasher = hashlib.sha256(b"anna-held-v1\n")
+    for node_id, digest in sorted(digests):
+        hasher.update(f"{node_id}:{digest}\n".encode())
+    return hasher.hexdigest()[:FINGERPRINT_HEX]
 
 
 def _normalised(a: Observation, digest_a: str, b: Observation, digest_b: str) -> Evidence:
@@ -315,15 +334,13 @@ class Engine:
         existing = state.held.get(obs.node_id)
         if existing is None:
             self._empty.discard(state.round_id)
-            state.held[obs.node_id] = obs
-            state.digests[obs.node_id] = digest
+            _hold(state, obs, digest)
             events.append(Accepted(obs))
             return True
         existing_digest = state.digests[obs.node_id]
         evidence = _normalised(existing, existing_digest, obs, digest)
         if digest < existing_digest:
-            state.held[obs.node_id] = obs
-            state.digests[obs.node_id] = digest
+            _hold(state, obs, digest)
         events.append(ConflictDetected(evidence))
         base: set[str] = set()
         final = {state.round_id}
@@ -359,8 +376,7 @@ class Engine:
             held_digest = state.digests.get(node_id)
             if held_digest is None or low_digest < held_digest:
                 self._empty.discard(state.round_id)
-                state.held[node_id] = evidence.first
-                state.digests[node_id] = low_digest
+                _hold(state, evidence.first, low_digest)
         if not learned:
             return events
         events.append(ConflictDetected(evidence))
@@ -666,17 +682,50 @@ class Engine:
             summary[round_id] = [ALL_HELD] if full else sorted(state.held)
         return summary
 
+    def fingerprints(self, limit_rounds: int) -> dict[str, str]:
+        """{round_id: `held_fingerprint` of what we hold} for the rounds `summary` names.
+
+        A summary lists node ids only, so an answerer holding another observation for a
+        node the asker lists — an equivocator's other half — would never send it: each
+        honest node kept the half it was given and their results differed forever. With
+        the fingerprints beside the summary it can tell, and sends its own."""
+        return {
+            round_id: self._fingerprint(self._rounds[round_id])
+            for round_id in self._recent(limit_rounds)
+        }
+
+    def _fingerprint(self, state: _Round, nodes: Collection[str] | None = None) -> str:
+        if nodes is None or nodes == state.held.keys():
+            if state.fingerprint is None:
+                state.fingerprint = held_fingerprint(state.digests.items())
+            return state.fingerprint
+        return held_fingerprint((node, state.digests[node]) for node in nodes)
+
     def observations_missing_from(
-        self, summary: Mapping[str, Collection[str]], limit_rounds: int
+        self,
+        summary: Mapping[str, Collection[str]],
+        limit_rounds: int,
+        fingerprints: Mapping[str, str] | None = None,
     ) -> list[Observation]:
-        """Observations of our most recent rounds that an asker's summary lacks."""
+        """Observations of our most recent rounds that an asker's summary lacks, and
+        every one of a round where we hold each node the asker lists but its
+        `fingerprints` say it holds other observations for some of them."""
         missing: list[Observation] = []
         for round_id in self._recent(limit_rounds):
+            state = self._rounds[round_id]
+            held = state.held
             theirs = summary.get(round_id, ())
-            if ALL_HELD in theirs:
-                continue
-            held = self._rounds[round_id].held
-            missing.extend(held[node] for node in sorted(held) if node not in theirs)
+            listed = set(state.validators if ALL_HELD in theirs else theirs)
+            theirs_print = (fingerprints or {}).get(round_id)
+            if (
+                theirs_print is not None
+                and listed
+                and listed <= held.keys()
+                and self._fingerprint(state, listed) != theirs_print
+            ):
+                missing.extend(held[node] for node in sorted(held))
+            elif ALL_HELD not in theirs:
+                missing.extend(held[node] for node in sorted(held) if node not in theirs)
         return missing
 
     def recent_windows(self, limit_rounds: int) -> list[tuple[str, int]]:
