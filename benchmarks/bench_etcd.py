@@ -49,7 +49,7 @@ from _common import (
     summary_ms,
 )
 
-from anna_trio import tls
+from anna_trio import pki
 from anna_trio._exceptions import PeerError
 from anna_trio.transport.client import HttpClient
 
@@ -89,12 +89,12 @@ class EtcdCluster:
 
     def _certificates(self) -> None:
         ca_dir = self.root / "ca"
-        tls.init_ca(ca_dir)
+        pki.init_ca(ca_dir)
         for m in self.members:
-            tls.issue_cert(
+            pki.issue_cert(
                 ca_dir, node_id=f"etcd_{m}", sans=["127.0.0.1", "localhost"], out_dir=self._dir(m)
             )
-        tls.issue_cert(ca_dir, node_id="bench", sans=["localhost"], out_dir=self.root / "bench")
+        pki.issue_cert(ca_dir, node_id="bench", sans=["localhost"], out_dir=self.root / "bench")
         self.ssl = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))
         self.ssl.load_cert_chain(
             str(self.root / "bench" / "bench.pem"), str(self.root / "bench" / "bench.key")

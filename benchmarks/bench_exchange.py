@@ -26,7 +26,7 @@ from typing import Any
 import trio
 from _common import cpu_seconds
 
-from anna_trio import tls
+from anna_trio import pki, tls
 from anna_trio.models import Limits, TlsConfig
 from anna_trio.transport.client import HttpClient
 from anna_trio.transport.server import HttpServer, Request, Response, json_response
@@ -41,7 +41,7 @@ def _config(directory: Path) -> TlsConfig:
     cert, key = directory / "n1" / "node_001.pem", directory / "n1" / "node_001.key"
     return TlsConfig(
         enabled=True,
-        ca_cert=directory / "ca" / tls.CA_CERT_NAME,
+        ca_cert=directory / "ca" / pki.CA_CERT_NAME,
         server_cert=cert,
         server_key=key,
         client_cert=cert,
@@ -157,8 +157,8 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="anna-exchange-") as temp:
         directory = Path(temp)
-        tls.init_ca(directory / "ca")
-        tls.issue_cert(
+        pki.init_ca(directory / "ca")
+        pki.issue_cert(
             directory / "ca", node_id="node_001", sans=["127.0.0.1"], out_dir=directory / "n1"
         )
         pause, pause_key = args.pause_ms / 1e3, f"pause_{args.pause_ms:g}_ms"

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import strategies as st
 
 from anna_trio.crypto import public_key_hex, sign_observation
-from anna_trio.models import Observation, TisComponents
+from anna_trio.models import Observation, ObservationContent, TisComponents
 
 NODE_IDS = tuple(f"node_{index:03d}" for index in range(1, 16))
 BIAS_FLAGS = ("RecencyBias", "ConfirmationBias", "AnchoringBias", "Overconfidence")
@@ -45,8 +45,7 @@ def signed_observation(
 ) -> Observation:
     """A validly signed observation; `outcome_tag` varies the outcome hash."""
     digest = hashlib.sha256(f"{round_id}|{outcome_tag}".encode()).hexdigest()
-    return sign_observation(
-        node_key(node_id),
+    content = ObservationContent(
         node_id=node_id,
         audit_id=audit_id,
         round_id=round_id,
@@ -58,6 +57,7 @@ def signed_observation(
         tis_overall=tis,
         bias_flags=tuple(sorted(bias_flags)),
     )
+    return sign_observation(node_key(node_id), content)
 
 
 tis_values = st.floats(min_value=0.0, max_value=1.0, allow_nan=False).map(

@@ -145,8 +145,8 @@ def test_issue_without_ca_names_the_missing_file(
 
 
 def test_module_imports_only_stdlib() -> None:
-    """Importing cmd_certs loads neither cryptography nor the tls module (fast --help)."""
-    probe = "import sys, anna_trio.cli.cmd_certs; print(sorted(m for m in sys.modules if m.startswith(('cryptography', 'anna_trio.tls'))))"
+    """Importing cmd_certs loads neither cryptography nor the pki and tls modules (fast --help)."""
+    probe = "import sys, anna_trio.cli.cmd_certs; print(sorted(m for m in sys.modules if m.startswith(('cryptography', 'anna_trio.tls', 'anna_trio.pki'))))"
     result = subprocess.run(
         [sys.executable, "-c", probe], check=True, capture_output=True, text=True
     )

@@ -17,14 +17,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, event, given, settings
 from ruamel.yaml import YAML
 
-from anna_trio import tls as tls_module
+from anna_trio import pki
 from anna_trio._exceptions import ConfigError
+from anna_trio.addresses import parse_host_port
 from anna_trio.cli import cmd_config
 from anna_trio.config import (
     TLS_REQUIRED_MESSAGE,
     diff_peers,
     load_cluster_config,
-    parse_host_port,
     self_port_change,
 )
 from anna_trio.crypto import public_key_hex
@@ -166,7 +166,7 @@ def test_tls_paths_resolve_against_the_peers_folder(
 ) -> None:
     """Relative tls paths are resolved against peers.yml's folder; absolute ones kept."""
     seen: list[TlsConfig] = []
-    monkeypatch.setattr(tls_module, "check_tls_material", lambda tls: seen.append(tls) or [])
+    monkeypatch.setattr(pki, "check_tls_material", lambda tls: seen.append(tls) or [])
     text = TLS_BLOCK + "peers:\n" + peer_block()
     config = load_cluster_config(write(tmp_path, text), node_id="n1")
     assert config.tls.enabled
@@ -189,8 +189,8 @@ tls:
 
 def test_real_tls_material_is_accepted(tmp_path: Path) -> None:
     """With a real CA and node certificate the file loads with TLS on."""
-    tls_module.init_ca(tmp_path / "ca")
-    cert, key = tls_module.issue_cert(
+    pki.init_ca(tmp_path / "ca")
+    cert, key = pki.issue_cert(
         tmp_path / "ca", node_id="n1", sans=["localhost"], out_dir=tmp_path / "certs"
     )
     text = f"""\
@@ -428,7 +428,7 @@ def test_tls_material_problems_are_attached_to_their_keys(
 ) -> None:
     """check_tls_material's messages are reported at the named key's line, or the tls line."""
     monkeypatch.setattr(
-        tls_module,
+        pki,
         "check_tls_material",
         lambda tls: ["tls.server_key: does not match tls.server_cert", "CA expired"],
     )
@@ -444,7 +444,7 @@ def test_tls_files_are_checked_only_when_asked_and_complete(
 ) -> None:
     """check_tls_files=False, or an incomplete tls block, never calls check_tls_material."""
     calls: list[TlsConfig] = []
-    monkeypatch.setattr(tls_module, "check_tls_material", lambda tls: calls.append(tls) or ["x"])
+    monkeypatch.setattr(pki, "check_tls_material", lambda tls: calls.append(tls) or ["x"])
     text = TLS_BLOCK + "peers:\n" + peer_block()
     load_cluster_config(write(tmp_path, text), node_id="n1", check_tls_files=False)
     problems_of(tmp_path, "tls:\n  enabled: true\npeers:\n" + peer_block())
@@ -794,7 +794,7 @@ def test_config_check_ok_with_tls(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """TLS on is reported as such."""
-    monkeypatch.setattr(tls_module, "check_tls_material", lambda tls: [])
+    monkeypatch.setattr(pki, "check_tls_material", lambda tls: [])
     path = write(tmp_path, TLS_BLOCK + "peers:\n" + peer_block())
     assert run(annactl, "config", "check", "--peers", str(path)) == 0
     assert capsys.readouterr().out == "OK: 1 peers, quorum 1 (majority), TLS on\n"

@@ -24,7 +24,7 @@ import trio.testing
 from anna_trio import crypto
 from anna_trio.audit import AuditIdAllocator, AuditLog
 from anna_trio.metrics import Metrics
-from anna_trio.models import ClusterConfig, Limits, ObserverConfig, PeerConfig
+from anna_trio.models import ClusterConfig, Limits, PeerConfig, SyntheticObserver
 from anna_trio.node import OWN_ANSWER_WAIT, Node
 from anna_trio.observer import ConfiguredObserver, Measurement
 from anna_trio.policy import RELAY_LINGER, STUCK_ROUND_FRACTION
@@ -39,7 +39,7 @@ class _SlowObserver(ConfiguredObserver):
     """An observer that takes `delay` seconds to measure (a slow node)."""
 
     def __init__(self, node_id: str, delay: float) -> None:
-        super().__init__(ObserverConfig(), node_id)
+        super().__init__(SyntheticObserver(), node_id)
         self.delay = delay
 
     async def measure(self, round_id: str, window_hours: int) -> Measurement | None:
@@ -165,7 +165,7 @@ def cluster_of(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> Any:
             observer = (
                 _SlowObserver(n, slow[n])
                 if slow and n in slow
-                else ConfiguredObserver(ObserverConfig(), n)
+                else ConfiguredObserver(SyntheticObserver(), n)
             )
             node = network.nodes[n] = _node(tmp_path, n, config, observer, network.outbox(n))
             node.restore()

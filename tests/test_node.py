@@ -17,7 +17,7 @@ import trio.testing
 from anna_trio import crypto
 from anna_trio.audit import AuditIdAllocator, AuditLog
 from anna_trio.metrics import Metrics
-from anna_trio.models import ClusterConfig, Observation, ObserverConfig, PeerConfig
+from anna_trio.models import ClusterConfig, Observation, PeerConfig, SyntheticObserver
 from anna_trio.node import SYNC_ANSWER_ITEMS, Node, SubmitOutcome
 from anna_trio.observer import ConfiguredObserver
 from anna_trio.outbox import PeerOutbox
@@ -74,7 +74,7 @@ def make_node(
         audit=AuditLog.open(directory / "audit.jsonl", "node_001", ids),
         ids=ids,
         metrics=Metrics("node_001"),
-        observer=ConfiguredObserver(ObserverConfig(), "node_001"),
+        observer=ConfiguredObserver(SyntheticObserver(), "node_001"),
         outbox=outbox or PeerOutbox(others),
         state_file=state_file,
         retain_rounds=RETAIN,

@@ -218,10 +218,11 @@ def test_grafana_expressions_are_valid_promql(tmp_path: Path) -> None:
 
 def test_example_daemon_config_is_valid_for_annad() -> None:
     """conf/annad.yml passes annad's own settings validation (unknown keys are errors)."""
-    from anna_trio.config import build_annad_parser, resolve_settings
+    from anna_trio.cli.annad import build_annad_parser
+    from anna_trio.config import load_settings
 
     args = build_annad_parser().parse_args(["--config", str(CONF / "annad.yml")])
-    settings = resolve_settings(args, {})
+    settings = load_settings(vars(args), {})
     assert settings.node_id == "node_001"
     assert settings.round_interval == 300
     assert settings.observer.kind == "file"

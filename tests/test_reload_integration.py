@@ -34,7 +34,7 @@ from _launch import (
     status,
     write_peers,
 )
-from anna_trio import tls
+from anna_trio import pki
 from anna_trio.coordinator import interval_round_id
 from anna_trio.testnet import Cluster
 from anna_trio.transport.client import HttpClient
@@ -140,7 +140,7 @@ async def test_valid_reload_reports_what_changed(cluster: Cluster, nodes: LiveCl
     """A valid reload counts success, updates last_reload and audits added/removed/changed."""
     original = peers_file(nodes, 1).read_text()
     document = read_peers(nodes, 1)
-    _peer(document, "node_003")["fingerprint"] = tls.fingerprint(
+    _peer(document, "node_003")["fingerprint"] = pki.fingerprint(
         nodes.layout.node_dir(3) / "tls" / "node_003.pem"
     )
     try:
@@ -238,7 +238,7 @@ async def test_sighup_burst_during_rounds(cluster: Cluster, nodes: LiveCluster) 
     original = peers_file(nodes, 1).read_text()
     failures_before = await metric(cluster, 1, "anna_peer_reload_total", result="failure")
     pinned = read_peers(nodes, 1)
-    _peer(pinned, "node_003")["fingerprint"] = tls.fingerprint(
+    _peer(pinned, "node_003")["fingerprint"] = pki.fingerprint(
         nodes.layout.node_dir(3) / "tls" / "node_003.pem"
     )
     await _start_round(cluster, 1, "burst_a")
@@ -421,22 +421,22 @@ async def test_certificate_rotation_applies_to_new_connections(tmp_path: Path) -
             old_copy = tmp_path / "node_001.old.pem"
             shutil.copy(node1_cert, old_copy)
             ca_dir = nodes.layout.directory / "ca"
-            tls.issue_cert(
+            pki.issue_cert(
                 ca_dir,
                 node_id="node_001",
                 sans=["localhost", "127.0.0.1", "anna-node-1"],
                 out_dir=node1_cert.parent,
             )
-            assert tls.fingerprint(node1_cert) != tls.fingerprint(old_copy)
+            assert pki.fingerprint(node1_cert) != pki.fingerprint(old_copy)
             await reload(cluster, nodes, 1, "success")
             served = await _served_certificate(nodes, 1)
-            assert tls.fingerprint_der(served) == tls.fingerprint(node1_cert)
+            assert pki.fingerprint_der(served) == pki.fingerprint(node1_cert)
             await _start_round(cluster, 1, "after_rotation")
             await round_everywhere(cluster, "after_rotation", [1, 2, 3], ALL_THREE)
 
             # Retire the old certificate: peers load the CRL and node 2 dies and restarts, so node 1
             # must open new connections to it, which only succeed with its renewed one.
-            assert tls.revoke(ca_dir, old_copy)
+            assert pki.revoke(ca_dir, old_copy)
             for n in (2, 3):
                 await reload(cluster, nodes, n, "success")
             assert nodes.kill(2) == -signal.SIGKILL

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from quart import request
 from quart_trio import QuartTrio
 
-from anna_trio import tls
+from anna_trio import pki as pki_tools
 from anna_trio._exceptions import PeerError
 from anna_trio.transport.client import (
     HttpClient,
@@ -54,7 +54,9 @@ class Issued:
 def issue(ca_dir: Path, node_id: str, **options: Any) -> Issued:
     """A leaf from the project's own issuer (anna_trio.tls), SAN 127.0.0.1 unless given."""
     options.setdefault("sans", ["127.0.0.1"])
-    cert, key = tls.issue_cert(ca_dir, node_id=node_id, out_dir=ca_dir.parent / "leaves", **options)
+    cert, key = pki_tools.issue_cert(
+        ca_dir, node_id=node_id, out_dir=ca_dir.parent / "leaves", **options
+    )
     return Issued(cert, key)
 
 
@@ -84,8 +86,8 @@ class Pki:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     directory = tmp_path_factory.mktemp("pki")
     ca_dir, other_dir = directory / "ca", directory / "other" / "ca"
-    tls.init_ca(ca_dir)
-    tls.init_ca(other_dir)
+    pki_tools.init_ca(ca_dir)
+    pki_tools.init_ca(other_dir)
     now = datetime.datetime.now(datetime.UTC)
     return Pki(
         ca=Issued(ca_dir / "ca.pem", ca_dir / "ca.key"),

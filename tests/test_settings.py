@@ -10,14 +10,12 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
 
-from anna_trio import __version__, config
+from anna_trio import __version__
 from anna_trio._exceptions import ConfigError
-from anna_trio.config import (
-    ObserverConfig,
-    Settings,
-    build_annad_parser,
-    resolve_settings,
-)
+from anna_trio.cli.annad import build_annad_parser
+from anna_trio.config import Settings, load_settings
+from anna_trio.config import settings as settings_module
+from anna_trio.models import FileObserver, SyntheticObserver
 
 
 @pytest.fixture(autouse=True)
@@ -26,12 +24,12 @@ def no_default_config_file(
 ) -> Path:
     """Point the default annad.yml at a file that does not exist (until a test writes it)."""
     path = tmp_path_factory.mktemp("etc") / "annad.yml"
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_FILE", path)
+    monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_FILE", path)
     return path
 
 
 def resolve(argv: list[str], environ: dict[str, str] | None = None) -> Settings:
-    return resolve_settings(build_annad_parser().parse_args(argv), environ or {})
+    return load_settings(vars(build_annad_parser().parse_args(argv)), environ or {})
 
 
 def problems(argv: list[str], environ: dict[str, str] | None = None) -> list[str]:
@@ -61,7 +59,7 @@ def test_defaults_apply_when_only_the_node_id_is_given() -> None:
         round_timeout=10.0,
         log_level="info",
         log_format="text",
-        observer=ObserverConfig(),
+        observer=SyntheticObserver(),
         config_file=None,
     )
 
@@ -335,16 +333,16 @@ def test_relative_paths_in_the_file_resolve_against_its_folder(tmp_path: Path) -
     resolved = resolve(["--node-id", "n1", "--config", str(path)])
     assert resolved.state_dir == tmp_path / "data"
     assert resolved.pid_file == Path("/run/x.pid")
-    assert resolved.observer == ObserverConfig(kind="file", path=tmp_path / "mirror/latest.json")
+    assert resolved.observer == FileObserver(path=tmp_path / "mirror/latest.json")
 
 
 def test_synthetic_observer_settings_are_read(tmp_path: Path) -> None:
     """kind: synthetic takes tis and jitter; an empty file gives the default observer."""
     path = write_config(tmp_path, "observer:\n  kind: synthetic\n  tis: 0.5\n  jitter: 0\n")
     observer = resolve(["--node-id", "n1", "--config", str(path)]).observer
-    assert observer == ObserverConfig(kind="synthetic", tis=0.5, jitter=0.0)
+    assert observer == SyntheticObserver(tis=0.5, jitter=0.0)
     write_config(tmp_path, "")
-    assert resolve(["--node-id", "n1", "--config", str(path)]).observer == ObserverConfig()
+    assert resolve(["--node-id", "n1", "--config", str(path)]).observer == SyntheticObserver()
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import trio.testing
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from anna_trio import pki as pki_tools
 from anna_trio import tls
 from anna_trio.models import TlsConfig
 from anna_trio.transport.tlsfailure import classify_tls_failure
@@ -57,22 +58,22 @@ class Pki:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     root = tmp_path_factory.mktemp("pki")
     ca, other_ca = root / "ca", root / "other_ca"
-    tls.init_ca(ca)
-    tls.init_ca(other_ca, common_name="someone else's CA")
+    pki_tools.init_ca(ca)
+    pki_tools.init_ca(other_ca, common_name="someone else's CA")
     empty_crl = root / "crl_empty.pem"
     shutil.copy(ca / "crl.pem", empty_crl)
     sans = ["127.0.0.1", "localhost"]
     certs = {
-        name: tls.issue_cert(ca, node_id=name, sans=sans, out_dir=root / "nodes")
+        name: pki_tools.issue_cert(ca, node_id=name, sans=sans, out_dir=root / "nodes")
         for name in ("node_001", "node_002", "node_003")
     }
-    certs["renewed_001"] = tls.issue_cert(
+    certs["renewed_001"] = pki_tools.issue_cert(
         ca, node_id="node_001", sans=sans, out_dir=root / "renewed"
     )
-    certs["foreign"] = tls.issue_cert(
+    certs["foreign"] = pki_tools.issue_cert(
         other_ca, node_id="node_002", sans=sans, out_dir=root / "foreign"
     )
-    certs["expired"] = tls.issue_cert(
+    certs["expired"] = pki_tools.issue_cert(
         ca,
         node_id="node_002",
         sans=sans,
@@ -80,7 +81,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         not_before=NOW - timedelta(days=30),
         not_after=NOW - timedelta(days=1),
     )
-    certs["future"] = tls.issue_cert(
+    certs["future"] = pki_tools.issue_cert(
         ca,
         node_id="node_002",
         sans=sans,
@@ -88,7 +89,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         not_before=NOW + timedelta(days=1),
         not_after=NOW + timedelta(days=30),
     )
-    tls.revoke(ca, certs["node_003"][0])
+    pki_tools.revoke(ca, certs["node_003"][0])
     return Pki(root=root, ca=ca, other_ca=other_ca, empty_crl=empty_crl, certs=certs)
 
 
@@ -139,7 +140,9 @@ async def exchange(
     async def talk() -> None:
         try:
             await client.do_handshake()
-            result.server_fingerprint = tls.fingerprint_der(client.getpeercert(binary_form=True))
+            result.server_fingerprint = pki_tools.fingerprint_der(
+                client.getpeercert(binary_form=True)
+            )
             result.identity_problem = tls.check_peer_identity(
                 client, expected_node_id=expected_node_id, pinned_fingerprint=pin
             )
@@ -230,7 +233,7 @@ async def test_client_detects_wrong_node_and_wrong_pin(pki: Pki) -> None:
     assert wrong_node.identity_problem == "cn_mismatch: got node_001, expected node_002"
     wrong_pin = await exchange(server, client, pin="0" * 64)
     assert wrong_pin.identity_problem == "fingerprint_mismatch"
-    right = tls.fingerprint(pki.certs["node_001"][0])
+    right = pki_tools.fingerprint(pki.certs["node_001"][0])
     spelled = ":".join(right[i : i + 2] for i in range(0, 64, 2)).upper()
     assert (await exchange(server, client, pin=spelled)).identity_problem is None
 
@@ -281,10 +284,10 @@ async def test_reload_serves_the_renewed_certificate(pki: Pki) -> None:
     reloadable = tls.ReloadableServerContext(pki.config())
     client = tls.client_context(pki.config())
     before = await exchange(reloadable.context, client)
-    assert before.server_fingerprint == tls.fingerprint(pki.certs["node_001"][0])
+    assert before.server_fingerprint == pki_tools.fingerprint(pki.certs["node_001"][0])
     reloadable.update(pki.config(server="renewed_001"))
     after = await exchange(reloadable.context, client)
-    assert after.server_fingerprint == tls.fingerprint(pki.certs["renewed_001"][0])
+    assert after.server_fingerprint == pki_tools.fingerprint(pki.certs["renewed_001"][0])
     assert after.reply == b"pong:ping"
 
 
@@ -303,8 +306,8 @@ async def test_failed_update_keeps_the_old_context(pki: Pki) -> None:
 
 def test_good_material_has_no_problems(pki: Pki) -> None:
     """Matching, current certificates from the CA produce no problems; TLS off none."""
-    assert tls.check_tls_material(pki.config()) == []
-    assert tls.check_tls_material(TlsConfig(enabled=False, ca_cert=pki.root / "nope")) == []
+    assert pki_tools.check_tls_material(pki.config()) == []
+    assert pki_tools.check_tls_material(TlsConfig(enabled=False, ca_cert=pki.root / "nope")) == []
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -369,7 +372,7 @@ def test_material_problem_names_field_and_file(pki: Pki, tmp_path: Path, case: s
     """Each broken piece of TLS material yields one message naming its field and file."""
     config, field, words = MATERIAL_CASES[case](pki, tmp_path)
     path = attrs.asdict(config)[field.removeprefix("tls.")]
-    problems = tls.check_tls_material(config)
+    problems = pki_tools.check_tls_material(config)
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{field}: {path}: ")
     assert words in problems[0]
@@ -377,14 +380,14 @@ def test_material_problem_names_field_and_file(pki: Pki, tmp_path: Path, case: s
 
 def test_unset_file_is_reported(pki: Pki) -> None:
     """A required field left out is reported by name."""
-    assert tls.check_tls_material(pki.config(client_key=None)) == [
+    assert pki_tools.check_tls_material(pki.config(client_key=None)) == [
         "tls.client_key: required when tls.enabled is true"
     ]
 
 
 def test_material_is_judged_at_the_given_time(pki: Pki) -> None:
     """`now` decides expiry: good material is reported expired ten years on."""
-    problems = tls.check_tls_material(pki.config(), now=NOW + timedelta(days=3650 * 2))
+    problems = pki_tools.check_tls_material(pki.config(), now=NOW + timedelta(days=3650 * 2))
     assert any(p.startswith("tls.ca_cert:") and "expired" in p for p in problems)
     assert any(p.startswith("tls.crl:") and "expired" in p for p in problems)
 
@@ -394,13 +397,13 @@ def test_material_is_judged_at_the_given_time(pki: Pki) -> None:
 
 def test_init_ca_writes_private_key_0600_and_refuses_overwrite(tmp_path: Path) -> None:
     """init_ca writes ca.pem, ca.key (0600) and an empty CRL, and will not overwrite."""
-    tls.init_ca(tmp_path)
+    pki_tools.init_ca(tmp_path)
     assert stat.S_IMODE((tmp_path / "ca.key").stat().st_mode) == 0o600
     crl = x509.load_pem_x509_crl((tmp_path / "crl.pem").read_bytes())
     assert len(crl) == 0
     before = (tmp_path / "ca.pem").read_bytes()
-    with pytest.raises(tls.CertificateError, match="refusing to overwrite"):
-        tls.init_ca(tmp_path)
+    with pytest.raises(pki_tools.CertificateError, match="refusing to overwrite"):
+        pki_tools.init_ca(tmp_path)
     assert (tmp_path / "ca.pem").read_bytes() == before
 
 
@@ -421,22 +424,24 @@ def test_issued_certificate_has_node_identity(pki: Pki) -> None:
 @pytest.mark.parametrize("node_id", ["../evil", "", "a b", "x" * 65])
 def test_issue_refuses_bad_node_id(pki: Pki, tmp_path: Path, node_id: str) -> None:
     """A node id outside SPEC §3's pattern (it becomes a file name) is refused."""
-    with pytest.raises(tls.CertificateError, match="node id"):
-        tls.issue_cert(pki.ca, node_id=node_id, sans=["localhost"], out_dir=tmp_path)
+    with pytest.raises(pki_tools.CertificateError, match="node id"):
+        pki_tools.issue_cert(pki.ca, node_id=node_id, sans=["localhost"], out_dir=tmp_path)
 
 
 def test_revoke_is_idempotent_and_refuses_foreign_certs(tmp_path: Path, pki: Pki) -> None:
     """Revoking adds the serial once; a certificate from another CA is refused."""
-    tls.init_ca(tmp_path / "ca")
-    cert, _ = tls.issue_cert(tmp_path / "ca", node_id="n", sans=["localhost"], out_dir=tmp_path)
-    assert tls.revoke(tmp_path / "ca", cert) is True
-    assert tls.revoke(tmp_path / "ca", cert) is False
+    pki_tools.init_ca(tmp_path / "ca")
+    cert, _ = pki_tools.issue_cert(
+        tmp_path / "ca", node_id="n", sans=["localhost"], out_dir=tmp_path
+    )
+    assert pki_tools.revoke(tmp_path / "ca", cert) is True
+    assert pki_tools.revoke(tmp_path / "ca", cert) is False
     crl = x509.load_pem_x509_crl((tmp_path / "ca" / "crl.pem").read_bytes())
     serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
     assert [entry.serial_number for entry in crl] == [serial]
     assert crl.next_update_utc is not None and crl.next_update_utc > NOW + timedelta(days=365)
-    with pytest.raises(tls.CertificateError, match="not issued by"):
-        tls.revoke(tmp_path / "ca", pki.certs["foreign"][0])
+    with pytest.raises(pki_tools.CertificateError, match="not issued by"):
+        pki_tools.revoke(tmp_path / "ca", pki.certs["foreign"][0])
 
 
 # --- classification ----------------------------------------------------------------

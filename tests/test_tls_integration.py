@@ -24,7 +24,7 @@ from _launch import (
     round_everywhere,
     write_peers,
 )
-from anna_trio import crypto, tls
+from anna_trio import crypto, pki, tls
 from anna_trio._exceptions import PeerError
 from anna_trio.testnet import Cluster
 from anna_trio.transport.client import HttpClient, PeerTLSError, Response
@@ -111,8 +111,8 @@ async def test_certificate_from_another_ca_is_refused(
     cluster: Cluster, nodes: LiveCluster, tmp_path: Path
 ) -> None:
     """A certificate signed by a foreign CA (even with a validator's CN) is refused."""
-    tls.init_ca(tmp_path / "other_ca")
-    cert, key = tls.issue_cert(
+    pki.init_ca(tmp_path / "other_ca")
+    cert, key = pki.issue_cert(
         tmp_path / "other_ca", node_id="node_001", sans=["127.0.0.1"], out_dir=tmp_path / "c"
     )
     ca = nodes.layout.directory / "ca" / "ca.pem"
@@ -124,7 +124,7 @@ async def test_expired_certificate_is_refused(
 ) -> None:
     """A cluster-CA certificate past its not_after is refused as expired."""
     now = datetime.now(UTC)
-    cert, key = tls.issue_cert(
+    cert, key = pki.issue_cert(
         nodes.layout.directory / "ca",
         node_id="node_001",
         sans=["127.0.0.1"],
@@ -141,10 +141,10 @@ async def test_revoked_certificate_is_refused_after_sighup(
 ) -> None:
     """Revoking a certificate and SIGHUPping the node refuses it; valid clients still pass."""
     ca_dir = nodes.layout.directory / "ca"
-    cert, key = tls.issue_cert(ca_dir, node_id="node_002", sans=["127.0.0.1"], out_dir=tmp_path)
+    cert, key = pki.issue_cert(ca_dir, node_id="node_002", sans=["127.0.0.1"], out_dir=tmp_path)
     context = client_context(ca_dir / "ca.pem", cert, key)
     assert (await health(nodes, 1, context)).status == 200
-    assert tls.revoke(ca_dir, cert)
+    assert pki.revoke(ca_dir, cert)
     answer = await reload(cluster, nodes, 1, "success")
     assert answer["last_reload"]["result"] == "success"
     await assert_refused(cluster, nodes, context, "certificate_revoked")
@@ -181,7 +181,7 @@ async def test_wrong_fingerprint_pin_keeps_the_peer_down(
             peer["fingerprint"] = "ab" * 32
         if peer["node_id"] == "node_003":
             cert = nodes.layout.node_dir(3) / "tls" / "node_003.pem"
-            peer["fingerprint"] = tls.fingerprint(cert)
+            peer["fingerprint"] = pki.fingerprint(cert)
     try:
         write_peers(nodes, 1, document)
         before = await metric(

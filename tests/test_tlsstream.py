@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from anna_trio import tls
+from anna_trio import pki, tls
 from anna_trio.models import TlsConfig
 from anna_trio.transport.tlsstream import TlsStream
 
@@ -42,11 +42,11 @@ class Contexts:
 @pytest.fixture(scope="module")
 def contexts(tmp_path_factory: pytest.TempPathFactory) -> Contexts:
     root = tmp_path_factory.mktemp("tlsstream")
-    tls.init_ca(root / "ca")
-    tls.init_ca(root / "other")
-    tls.issue_cert(root / "ca", node_id="node_001", sans=[HOST], out_dir=root / "n1")
+    pki.init_ca(root / "ca")
+    pki.init_ca(root / "other")
+    pki.issue_cert(root / "ca", node_id="node_001", sans=[HOST], out_dir=root / "n1")
     ca, cert, key = (
-        root / "ca" / tls.CA_CERT_NAME,
+        root / "ca" / pki.CA_CERT_NAME,
         root / "n1" / "node_001.pem",
         root / "n1" / "node_001.key",
     )
@@ -62,7 +62,7 @@ def contexts(tmp_path_factory: pytest.TempPathFactory) -> Contexts:
         server=tls.server_context(config),
         client=tls.client_context(config),
         anonymous_client=ssl.create_default_context(cafile=ca),
-        stranger_client=_client(root / "other" / tls.CA_CERT_NAME, cert, key),
+        stranger_client=_client(root / "other" / pki.CA_CERT_NAME, cert, key),
         ca=ca,
         cert=cert,
         key=key,

@@ -17,6 +17,7 @@ import pytest
 import trio
 import trio.testing
 
+from anna_trio import pki as pki_tools
 from anna_trio import tls
 from anna_trio.models import Limits, TlsConfig
 from anna_trio.transport.admission import Counts
@@ -169,14 +170,14 @@ class Pki:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     root = tmp_path_factory.mktemp("pki")
-    tls.init_ca(root / "ca")
-    tls.init_ca(root / "other", common_name="someone else's CA")
+    pki_tools.init_ca(root / "ca")
+    pki_tools.init_ca(root / "other", common_name="someone else's CA")
     sans = ["127.0.0.1"]
     certs = {
-        name: tls.issue_cert(root / "ca", node_id=name, sans=sans, out_dir=root / "certs")
+        name: pki_tools.issue_cert(root / "ca", node_id=name, sans=sans, out_dir=root / "certs")
         for name in ("node_001", "node_002", "outsider")
     }
-    certs["foreign"] = tls.issue_cert(
+    certs["foreign"] = pki_tools.issue_cert(
         root / "other", node_id="node_002", sans=sans, out_dir=root / "foreign"
     )
     shutil.rmtree(root / "other")

@@ -14,31 +14,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from . import durable
 from ._exceptions import ConfigError
-from .models import Observation, TisComponents, unix_seconds
+from .models import Observation, ObservationContent, content_of, unix_seconds
 
 SECRET_KEY_FILE = "node_id.sec"
 PUBLIC_KEY_FILE = "node_id.pub"
 
 
-def signing_message(
-    *,
-    node_id: str,
-    audit_id: int,
-    round_id: str,
-    window_hours: int,
-    timestamp: str,
-    forecast_hash: str,
-    outcome_hash: str,
-    tis_components: TisComponents,
-    tis_overall: float,
-    bias_flags: tuple[str, ...] | list[str],
-) -> bytes:
-    """The exact bytes a node signs for an observation."""
+def signing_message(content: ObservationContent) -> bytes:
+    """The exact bytes a node signs for an observation (an Observation is its content
+    and a signature, so this gives the bytes its signature covers too)."""
+    components = content.tis_components
     return (
-        f"anna-obs-v1|{node_id}|{audit_id}|{round_id}|{window_hours}|"
-        f"{unix_seconds(timestamp)}|{forecast_hash}|{outcome_hash}|{tis_overall:.6f}|"
-        f"{tis_components.prediction_accuracy:.6f}|{tis_components.ethical_alignment:.6f}|"
-        f"{tis_components.coherence_stability:.6f}|{','.join(sorted(bias_flags))}"
+        f"anna-obs-v1|{content.node_id}|{content.audit_id}|{content.round_id}|"
+        f"{content.window_hours}|{unix_seconds(content.timestamp)}|{content.forecast_hash}|"
+        f"{content.outcome_hash}|{content.tis_overall:.6f}|"
+        f"{components.prediction_accuracy:.6f}|{components.ethical_alignment:.6f}|"
+        f"{components.coherence_stability:.6f}|{','.join(sorted(content.bias_flags))}"
     ).encode()
 
 
@@ -46,18 +37,7 @@ def observation_message(obs: Observation) -> bytes:
     """The bytes the observation's signature covers (built once per observation)."""
     message: bytes | None = obs.memo.get("message")
     if message is None:
-        message = obs.memo["message"] = signing_message(
-            node_id=obs.node_id,
-            audit_id=obs.audit_id,
-            round_id=obs.round_id,
-            window_hours=obs.window_hours,
-            timestamp=obs.timestamp,
-            forecast_hash=obs.forecast_hash,
-            outcome_hash=obs.outcome_hash,
-            tis_components=obs.tis_components,
-            tis_overall=obs.tis_overall,
-            bias_flags=obs.bias_flags,
-        )
+        message = obs.memo["message"] = signing_message(obs)
     return message
 
 
@@ -70,34 +50,9 @@ def observation_digest(obs: Observation) -> str:
     return digest
 
 
-def sign_observation(
-    key: Ed25519PrivateKey,
-    *,
-    node_id: str,
-    audit_id: int,
-    round_id: str,
-    window_hours: int,
-    timestamp: str,
-    forecast_hash: str,
-    outcome_hash: str,
-    tis_components: TisComponents,
-    tis_overall: float,
-    bias_flags: tuple[str, ...],
-) -> Observation:
-    fields = {
-        "node_id": node_id,
-        "audit_id": audit_id,
-        "round_id": round_id,
-        "window_hours": window_hours,
-        "timestamp": timestamp,
-        "forecast_hash": forecast_hash,
-        "outcome_hash": outcome_hash,
-        "tis_components": tis_components,
-        "tis_overall": tis_overall,
-        "bias_flags": bias_flags,
-    }
-    signature = key.sign(signing_message(**fields)).hex()  # type: ignore[arg-type]
-    return Observation(signature=signature, **fields)  # type: ignore[arg-type]
+def sign_observation(key: Ed25519PrivateKey, content: ObservationContent) -> Observation:
+    signature = key.sign(signing_message(content)).hex()
+    return Observation(**content_of(content), signature=signature)
 
 
 def verify_observation(obs: Observation, public_key: Ed25519PublicKey) -> bool:

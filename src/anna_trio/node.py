@@ -31,7 +31,7 @@ from .consensus import events as ev
 from .consensus.engine import Engine, EngineConfig, RoundView
 from .effects import AuditEntry, Effects, effects_of
 from .metrics import Metrics
-from .models import ClusterConfig, Evidence, Observation, parse_observation
+from .models import ClusterConfig, Observation, parse_evidence, parse_observation
 from .own import Claim, OwnObservations
 from .policy import (
     RELAY,
@@ -47,7 +47,7 @@ from .policy import (
 from .seams import BlockingRunner, Clock, Observer, Outbox, SystemClock
 from .state.statefile import StateFile, StateSnapshot
 from .store import Statement, Store
-from .wire import Batch, RoundRef, SyncAnswer, SyncRequest
+from .wire import Batch, IngestCounts, RoundRef, SyncAnswer, SyncRequest
 
 log = logging.getLogger("anna.node")
 
@@ -74,13 +74,6 @@ class Rejected(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-@attrs.frozen
-class IngestCounts:
-    accepted: int
-    duplicate: int
-    rejected: int
 
 
 @attrs.define
@@ -281,12 +274,16 @@ class Node:
             obs = parse_observation(data)
         except ObservationError as exc:
             raise Rejected("invalid", str(exc)) from exc
+        self._authentic(obs)
+        return obs
+
+    def _authentic(self, obs: Observation) -> None:
+        """Raises Rejected unless a validator signed `obs`."""
         public_key = self._pubkeys.get(obs.node_id)
         if public_key is None:
             raise Rejected("unknown_node", f"unknown node_id {obs.node_id!r}")
         if not crypto.verify_observation(obs, public_key):
             raise Rejected("bad_signature", "signature does not verify")
-        return obs
 
     # --- inbound: peers ------------------------------------------------------------------
 
@@ -334,8 +331,10 @@ class Node:
         events += self.engine.add_observations(verified, now)
         for item in batch.evidence:
             try:
-                pair = Evidence(self._verified(item["first"]), self._verified(item["second"]))
-            except (Rejected, KeyError, TypeError):
+                pair = parse_evidence(item)
+                self._authentic(pair.first)
+                self._authentic(pair.second)
+            except (ObservationError, Rejected):
                 rejected += 1
                 continue
             events += self.engine.add_evidence(pair, now)

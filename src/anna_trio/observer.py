@@ -12,18 +12,29 @@ from typing import Any
 import attrs
 import trio
 
-from .models import BIAS_FLAG_RE, HASH_RE, ObserverConfig, TisComponents
+from .models import (
+    COMPONENT_NAMES,
+    FileObserver,
+    ObservationContent,
+    ObserverConfig,
+    SyntheticObserver,
+    TisComponents,
+)
 
 log = logging.getLogger("anna.observer")
+_CONTENT = attrs.fields(ObservationContent)
 
 
 @attrs.frozen
 class Measurement:
+    """What an observer decides of an observation; checked by the same validators, so
+    what a node signs is always an observation its peers accept."""
+
     tis_components: TisComponents
-    tis_overall: float
-    bias_flags: tuple[str, ...]
-    forecast_hash: str
-    outcome_hash: str
+    tis_overall: float = attrs.field(validator=_CONTENT.tis_overall.validator)
+    bias_flags: tuple[str, ...] = attrs.field(validator=_CONTENT.bias_flags.validator)
+    forecast_hash: str = attrs.field(validator=_CONTENT.forecast_hash.validator)
+    outcome_hash: str = attrs.field(validator=_CONTENT.outcome_hash.validator)
 
 
 class ConfiguredObserver:
@@ -38,23 +49,22 @@ class ConfiguredObserver:
         self._random = rng or random.Random()
 
     async def measure(self, round_id: str, window_hours: int) -> Measurement | None:
-        if self._config.kind == "file":
-            assert self._config.path is not None
+        if isinstance(self._config, FileObserver):
             return await trio.to_thread.run_sync(_read_measurement_file, self._config.path)
-        return self._synthetic(round_id, window_hours)
+        return self._synthetic(self._config, round_id, window_hours)
 
-    def _synthetic(self, round_id: str, window_hours: int) -> Measurement:
+    def _synthetic(
+        self, config: SyntheticObserver, round_id: str, window_hours: int
+    ) -> Measurement:
         def around(center: float) -> float:
-            value = center + self._random.uniform(-self._config.jitter, self._config.jitter)
+            value = center + self._random.uniform(-config.jitter, config.jitter)
             return round(min(1.0, max(0.0, value)), 6)
 
-        components = TisComponents(
-            around(self._config.tis), around(self._config.tis), around(self._config.tis)
-        )
+        components = TisComponents(around(config.tis), around(config.tis), around(config.tis))
         seed = f"{round_id}|{window_hours}".encode()
         return Measurement(
             tis_components=components,
-            tis_overall=around(self._config.tis),
+            tis_overall=around(config.tis),
             bias_flags=(),
             forecast_hash="sha256:" + hashlib.sha256(b"forecast|" + seed).hexdigest(),
             outcome_hash="sha256:" + hashlib.sha256(b"outcome|" + seed).hexdigest(),
@@ -66,22 +76,15 @@ def _read_measurement_file(path: Path) -> Measurement | None:
     try:
         data: Any = json.loads(path.read_text())
         components = data["tis_components"]
-        values = [
-            float(components[k])
-            for k in ("prediction_accuracy", "ethical_alignment", "coherence_stability")
-        ]
-        overall = float(data["tis_overall"])
-        flags = tuple(sorted(set(data.get("bias_flags", []))))
-        forecast, outcome = str(data["forecast_hash"]), str(data["outcome_hash"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return Measurement(
+            tis_components=TisComponents(
+                **{name: float(components[name]) for name in COMPONENT_NAMES}
+            ),
+            tis_overall=float(data["tis_overall"]),
+            bias_flags=tuple(sorted(set(data.get("bias_flags", [])))),
+            forecast_hash=str(data["forecast_hash"]),
+            outcome_hash=str(data["outcome_hash"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as exc:
         log.warning("observer file %s unusable, not contributing to this round: %s", path, exc)
         return None
-    if not all(0.0 <= v <= 1.0 for v in [*values, overall]):
-        log.warning("observer file %s: TIS values outside [0, 1], not contributing", path)
-        return None
-    if not (HASH_RE.fullmatch(forecast) and HASH_RE.fullmatch(outcome)) or not all(
-        isinstance(f, str) and BIAS_FLAG_RE.fullmatch(f) for f in flags
-    ):
-        log.warning("observer file %s: bad hashes or bias flags, not contributing", path)
-        return None
-    return Measurement(TisComponents(*values), overall, flags, forecast, outcome)

@@ -18,12 +18,13 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 
+import attrs
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import crypto, failpoints
 from .audit import AuditIdAllocator
-from .models import Observation, format_utc
+from .models import Observation, ObservationContent, format_utc
 from .seams import Clock, Observer
 
 
@@ -104,19 +105,15 @@ class OwnObservations:
             measurement = await self._observer.measure(round_id, window_hours)
             if measurement is None:
                 return None
-            obs = crypto.sign_observation(
-                self._key,
+            content = ObservationContent(
                 node_id=self._node_id,
                 audit_id=await self._ids.next_async(),
                 round_id=round_id,
                 window_hours=window_hours,
                 timestamp=format_utc(datetime.fromtimestamp(self._clock.wall(), UTC)),
-                forecast_hash=measurement.forecast_hash,
-                outcome_hash=measurement.outcome_hash,
-                tis_components=measurement.tis_components,
-                tis_overall=measurement.tis_overall,
-                bias_flags=measurement.bias_flags,
+                **attrs.asdict(measurement, recurse=False),
             )
+            obs = crypto.sign_observation(self._key, content)
             await self._persist(obs)
         self._signed[round_id] = obs
         return obs

@@ -26,7 +26,14 @@ from .models import ClusterConfig, PeerConfig
 from .outbox import KINDS, Item, PeerOutbox, PeerQueue
 from .seams import Clock, PeerTransport, RandomSource
 from .transport.client import HttpClient, Response
-from .wire import Batch, MessageError, SyncRequest, parse_batch, sync_request_json
+from .wire import (
+    Batch,
+    MessageError,
+    SyncRequest,
+    parse_batch,
+    parse_gossip_answer,
+    sync_request_json,
+)
 
 log = logging.getLogger("anna.peers")
 
@@ -183,8 +190,7 @@ class PeerLink:
     async def _take_answer(self, response: Response) -> None:
         """The peer's own observations for the rounds we sent it (the node relays them)."""
         try:
-            answer = response.json()
-            carried = parse_batch(answer) if isinstance(answer, dict) else Batch()
+            carried = parse_gossip_answer(response.json())
         except (PeerError, MessageError) as exc:
             log.warning(
                 "peer %s answered gossip with %s; its observations come by anti-entropy",

@@ -10,7 +10,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .crypto import sign_observation
-from .models import TisComponents, format_utc
+from .models import ObservationContent, TisComponents, format_utc
 
 
 def load_key_file(path: Path) -> Ed25519PrivateKey:
@@ -29,8 +29,7 @@ def signed_observation(
     bias_flags: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     seed = f"{round_id}|{tis}".encode()
-    return sign_observation(
-        load_key_file(key_file),
+    content = ObservationContent(
         node_id=node_id,
         audit_id=audit_id,
         round_id=round_id,
@@ -41,4 +40,5 @@ def signed_observation(
         tis_components=TisComponents(tis, tis, tis),
         tis_overall=tis,
         bias_flags=bias_flags,
-    ).to_dict()
+    )
+    return sign_observation(load_key_file(key_file), content).to_dict()

@@ -35,7 +35,7 @@ import attrs
 import trio
 
 from . import durable, failpoints
-from .models import Evidence, Observation, parse_observation
+from .models import Evidence, Observation, parse_evidence, parse_observation
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
@@ -90,10 +90,11 @@ def create_schema(db: sqlite3.Connection) -> None:
 
 @attrs.frozen
 class StoredAnswer:
-    """An Idempotency-Key's answer: what a repeat gets, if its body is the same."""
+    """An Idempotency-Key's answer: what a repeat gets, byte for byte, if its request
+    body is the same (`body` is the JSON answer as it was sent)."""
 
     status: int
-    body: dict[str, Any]
+    body: bytes
     fingerprint: str
     created_at: float
 
@@ -294,7 +295,7 @@ class Store:
             (
                 key,
                 answer.status,
-                json.dumps(answer.body, separators=(",", ":")),
+                answer.body.decode(),
                 answer.fingerprint,
                 answer.created_at,
             ),
@@ -441,8 +442,7 @@ class Store:
 
     @staticmethod
     def _parse_evidence(body: str) -> Evidence:
-        data = json.loads(body)
-        return Evidence(parse_observation(data["first"]), parse_observation(data["second"]))
+        return parse_evidence(json.loads(body))
 
     def own_observation(self, round_id: str) -> Observation | None:
         row = self._db.execute("SELECT body FROM own WHERE round_id = ?", (round_id,)).fetchone()
@@ -466,7 +466,7 @@ class Store:
         ).fetchone()
         if row is None:
             return None
-        return StoredAnswer(int(row[0]), json.loads(row[1]), str(row[2]), float(row[3]))
+        return StoredAnswer(int(row[0]), str(row[1]).encode(), str(row[2]), float(row[3]))
 
     def idempotency_keys(self) -> int:
         (count,) = self._db.execute("SELECT COUNT(*) FROM idempotency").fetchone()

@@ -14,7 +14,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from anna_trio import testnet
-from anna_trio.config import Settings, build_annad_parser, resolve_settings
+from anna_trio.cli.annad import build_annad_parser
+from anna_trio.config import Settings, load_settings
 from conftest import ROOT, host_env, require_tools
 
 NODES = (1, 2, 3)
@@ -43,12 +44,12 @@ def local_settings(n: int) -> Settings:
     layout = testnet.Layout(Path("artifacts/testnet"))
     argv = testnet.annad_command(layout, layout.endpoints[n - 1])
     assert argv[1:3] == ["-m", "anna_trio.cli.annad"]
-    return resolve_settings(build_annad_parser().parse_args(argv[3:]), {})
+    return load_settings(vars(build_annad_parser().parse_args(argv[3:])), {})
 
 
 def compose_settings(node: Any) -> Settings:
     """What a compose node runs with: annad's defaults under the service's environment."""
-    return resolve_settings(build_annad_parser().parse_args([]), node["environment"])
+    return load_settings(vars(build_annad_parser().parse_args([])), node["environment"])
 
 
 def test_compose_file_parses_with_docker_compose(compose: Any) -> None:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from anna_trio._exceptions import ObservationError
 from anna_trio.crypto import sign_observation
-from anna_trio.models import parse_observation
+from anna_trio.models import ObservationContent, content_of, parse_observation
 from anna_trio.transport.server import Request, Response
 
 from .network import Sender
@@ -95,17 +95,7 @@ class Equivocator:
                 obs.tis_overall - shift if obs.tis_overall > 0.5 else obs.tis_overall + shift, 6
             )
             self._alternates[signature] = sign_observation(
-                self._key,
-                node_id=obs.node_id,
-                audit_id=obs.audit_id,
-                round_id=obs.round_id,
-                window_hours=obs.window_hours,
-                timestamp=obs.timestamp,
-                forecast_hash=obs.forecast_hash,
-                outcome_hash=obs.outcome_hash,
-                tis_components=obs.tis_components,
-                tis_overall=tis,
-                bias_flags=obs.bias_flags,
+                self._key, ObservationContent(**{**content_of(obs), "tis_overall": tis})
             ).to_dict()
         return self._alternates[signature]
 

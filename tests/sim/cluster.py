@@ -35,7 +35,7 @@ from anna_trio.peers import PeerSupervisor
 from anna_trio.rpc.server import RpcServer
 from anna_trio.store import Store
 from anna_trio.transport import client
-from anna_trio.wire import Batch, SyncRequest
+from anna_trio.wire import Batch, IngestCounts, SyncRequest
 
 from .byzantine import Equivocator
 from .disk import Media, MountedDisk
@@ -96,7 +96,7 @@ class WatchedInbox:
         self._process = process
         self._checker = checker
 
-    async def ingest(self, batch: Batch) -> object:
+    async def ingest(self, batch: Batch) -> IngestCounts:
         counts = await self._node.ingest(batch)
         if self._process.alive:
             self._checker.ingested(self.node_id, batch)
@@ -360,7 +360,12 @@ class Cluster:
                 async with trio.open_nursery() as server:
                     self.network.listen(
                         node_id,
-                        Endpoint(incarnation.process, rpc.handle, server, rpc.max_body_bytes),
+                        Endpoint(
+                            incarnation.process,
+                            rpc.handle,
+                            server,
+                            lambda: rpc.limits.max_body_bytes,
+                        ),
                     )
                     await root.start(incarnation.supervisor.run)
                     if self._rounds_on:

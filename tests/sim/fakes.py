@@ -17,8 +17,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from anna_trio.audit import AuditIdAllocator, IdReservation
-from anna_trio.config import ObserverConfig
-from anna_trio.models import format_utc
+from anna_trio.models import SyntheticObserver, format_utc
 from anna_trio.observer import ConfiguredObserver, Measurement
 
 from .process import Process
@@ -62,7 +61,7 @@ class SimObserver:
         absent: float = 0.0,
     ) -> None:
         self._rng = rng
-        self._synthetic = ConfiguredObserver(ObserverConfig(tis=tis, jitter=0.01), node_id, rng)
+        self._synthetic = ConfiguredObserver(SyntheticObserver(tis=tis, jitter=0.01), node_id, rng)
         self._slow = slow
         self._slow_max = slow_max
         self._absent = absent

@@ -1,14 +1,105 @@
-"""annad: the daemon's entry point. Parses settings, sets up logging, maps errors to exits."""
+"""annad: the daemon's entry point. Parses the command line and settings, sets up
+logging, maps errors to exits."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
-from .._exceptions import AnnaError
+from .. import __version__
+from .._exceptions import AnnaError, ConfigError
+from ..addresses import parse_host_port
+from ..config.settings import (
+    DEFAULT_AUDIT_LOG,
+    DEFAULT_CONFIG_FILE,
+    DEFAULT_PEERS_FILE,
+    DEFAULT_PID_FILE,
+    DEFAULT_STATE_DIR,
+    LOG_FORMATS,
+    LOG_LEVELS,
+)
+
+
+class _AnnadArgumentParser(argparse.ArgumentParser):
+    """Usage errors exit 64 (EX_USAGE), as SPEC §1 says, not argparse's 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(64, f"{self.prog}: error: {message}\n")
+
+
+def _duration_arg(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds, e.g. 10 or 0.5; got {text!r}"
+        ) from None
+
+
+def _host_port_arg(text: str) -> tuple[str, int]:
+    try:
+        return parse_host_port(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_annad_parser() -> argparse.ArgumentParser:
+    """annad's command line (SPEC §1); every setting defaults to None so layers apply."""
+    parser = _AnnadArgumentParser(
+        prog="annad",
+        description="The anna-trio audit-consensus node. Flags override ANNA_* environment "
+        "variables, which override the --config YAML file, which overrides defaults.",
+    )
+    parser.add_argument("--version", action="version", version=f"annad {__version__}")
+    add = parser.add_argument
+    add(
+        "--config",
+        metavar="FILE",
+        help=f"settings YAML (default {DEFAULT_CONFIG_FILE} if it exists)",
+    )
+    add("--node-id", metavar="ID", help="this node's id (env ANNA_NODE_ID, then NODE_ID); required")
+    add("--state-dir", metavar="DIR", help=f"state directory (default {DEFAULT_STATE_DIR})")
+    add("--peers", metavar="FILE", help=f"cluster config (default {DEFAULT_PEERS_FILE})")
+    add("--audit-log", metavar="FILE", help=f"audit log (default {DEFAULT_AUDIT_LOG})")
+    add(
+        "--rpc-listen",
+        metavar="HOST:PORT",
+        type=_host_port_arg,
+        help="RPC address (default 0.0.0.0:<this node's port in peers.yml>; env RPC_PORT sets the port)",
+    )
+    add(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        type=_host_port_arg,
+        help="metrics address (default 0.0.0.0:9090)",
+    )
+    add("--pid-file", metavar="FILE", help=f"pid file (default {DEFAULT_PID_FILE})")
+    add(
+        "--round-interval",
+        metavar="SECONDS",
+        type=_duration_arg,
+        help="start a round every SECONDS; 0 (default) starts rounds only when asked",
+    )
+    add(
+        "--round-timeout",
+        metavar="SECONDS",
+        type=_duration_arg,
+        help="round deadline in seconds (default 10; fractions allowed)",
+    )
+    add("--log-level", choices=LOG_LEVELS, help="default info")
+    add("--log-format", choices=LOG_FORMATS, help="default text")
+    add(
+        "--console",
+        action=argparse.BooleanOptionalAction,
+        help="serve the read-only web console at / on the metrics listener (default on)",
+    )
+    return parser
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,11 +131,11 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from ..config import build_annad_parser, resolve_settings
+    from ..config import load_settings
 
     args = build_annad_parser().parse_args(argv)
     try:
-        settings = resolve_settings(args, os.environ)
+        settings = load_settings(vars(args), os.environ)
     except AnnaError as exc:
         print(f"annad: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

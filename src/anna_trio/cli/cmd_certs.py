@@ -87,7 +87,7 @@ def _fail(message: str, code: int = EXIT_BAD) -> int:
 
 
 def run_init_ca(args: argparse.Namespace) -> int:
-    from ..tls import CertificateError, init_ca
+    from ..pki import CertificateError, init_ca
 
     try:
         init_ca(args.out, common_name=args.common_name, days=args.days)
@@ -101,7 +101,7 @@ def run_init_ca(args: argparse.Namespace) -> int:
 
 def run_issue(args: argparse.Namespace) -> int:
     from ..models import NODE_ID_RE
-    from ..tls import CertificateError, fingerprint, issue_cert
+    from ..pki import CertificateError, fingerprint, issue_cert
 
     if not NODE_ID_RE.fullmatch(args.node_id):
         return _fail(f"--node-id {args.node_id!r} must match {NODE_ID_RE.pattern}", EXIT_USAGE)
@@ -122,7 +122,7 @@ def run_issue(args: argparse.Namespace) -> int:
 
 
 def run_fingerprint(args: argparse.Namespace) -> int:
-    from ..tls import CertificateError, fingerprint
+    from ..pki import CertificateError, fingerprint
 
     try:
         print(fingerprint(args.file))
@@ -132,7 +132,7 @@ def run_fingerprint(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    from ..tls import CertificateError, fingerprint, revoke
+    from ..pki import CertificateError, fingerprint, revoke
 
     try:
         newly_revoked = revoke(args.ca_dir, args.cert)

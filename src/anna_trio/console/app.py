@@ -24,6 +24,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
 import trio
 from hypercorn.typing import (
     ASGIReceiveCallable,
@@ -40,7 +41,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from .. import __version__, failpoints
 from .._exceptions import ConfigError
 from ..metrics import Metrics
-from ..models import is_round_id
+from ..models import Observation, is_round_id
 from .auditcheck import AuditChainCheck
 from .charts import consensus_chart, validators_chart
 from .source import ConsoleSource
@@ -385,19 +386,8 @@ def _evidence_rows(evidence: tuple[Mapping[str, Any], ...]) -> list[tuple[str, s
     return rows
 
 
-_FIELD_ORDER = (
-    "node_id",
-    "round_id",
-    "audit_id",
-    "timestamp",
-    "window_hours",
-    "tis_overall",
-    "tis_components",
-    "bias_flags",
-    "forecast_hash",
-    "outcome_hash",
-    "signature",
-)
+_FIELD_ORDER = tuple(field.name for field in attrs.fields(Observation))
+"""Rows in the order of SPEC §3; keys an observation does not have come after."""
 
 
 def _field_order(key: str) -> tuple[int, str]:

@@ -27,16 +27,15 @@ import trio
 from ..models import Limits
 from ..seams import Clock
 from ..store import Statement, Store, StoredAnswer
-from ..transport.server import Request
-from .views import Reply, error_reply
+from ..transport.server import Request, Response, error_response
 
 MAX_KEY_LENGTH = 255
 EXPIRE_EVERY = 256  # answers kept between two expiry passes
 
 
-Keep = Callable[[Reply], list[Statement]]
+Keep = Callable[[Response], list[Statement]]
 """Turns the answer of an executed request into the rows kept with its effects."""
-Work = Callable[[Keep | None], Awaitable[Reply]]
+Work = Callable[[Keep | None], Awaitable[Response]]
 
 
 class IdempotencyKeys:
@@ -48,12 +47,12 @@ class IdempotencyKeys:
         self._kept = store.idempotency_keys()  # about how many rows the table holds
         self._since_expiry = 0
 
-    async def answer_once(self, route: str, request: Request, work: Work) -> Reply:
+    async def answer_once(self, route: str, request: Request, work: Work) -> Response:
         key = request.headers.get("idempotency-key")
         if key is None:
             return await work(None)
         if not 1 <= len(key) <= MAX_KEY_LENGTH:
-            return error_reply(
+            return error_response(
                 400, "bad_idempotency_key", f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} chars"
             )
         name = f"{route}:{key}"
@@ -63,15 +62,15 @@ class IdempotencyKeys:
         stored = self._stored(name)
         if stored is not None:
             if stored.fingerprint != fingerprint:
-                return error_reply(
+                return error_response(
                     422,
                     "idempotency_key_reused",
                     "this Idempotency-Key was used with a different body",
                 )
-            return Reply(stored.status, stored.body)
+            return Response(stored.status, stored.body)
         self._in_flight[name] = done = trio.Event()
         try:
-            return await work(lambda reply: self._rows(name, fingerprint, reply))
+            return await work(lambda answer: self._rows(name, fingerprint, answer))
         finally:
             del self._in_flight[name]
             done.set()
@@ -82,10 +81,11 @@ class IdempotencyKeys:
             return None  # expired: the key is free again
         return stored
 
-    def _rows(self, name: str, fingerprint: str, reply: Reply) -> list[Statement]:
+    def _rows(self, name: str, fingerprint: str, answer: Response) -> list[Statement]:
         now = self._clock.wall()
-        answer = StoredAnswer(reply.status, reply.body, fingerprint, now)
-        rows = [Store.idempotency_stmt(name, answer)]
+        rows = [
+            Store.idempotency_stmt(name, StoredAnswer(answer.status, answer.body, fingerprint, now))
+        ]
         self._kept += 1
         self._since_expiry += 1
         if self._since_expiry >= EXPIRE_EVERY or self._kept > self.limits.idempotency_keys:

@@ -20,23 +20,29 @@ import trio
 from .. import failpoints
 from ..consensus.engine import RoundView
 from ..metrics import Metrics
-from ..models import ROUND_ID_RE, Limits, is_round_id, is_window_hours
+from ..models import Limits
 from ..node import Node, Rejected, SubmitOutcome
 from ..store import Statement
 from ..transport.server import Request, Response, error_response, json_response
-from ..wire import MessageError, parse_batch, parse_sync_request, sync_answer_json
+from ..wire import (
+    MessageError,
+    gossip_answer_json,
+    parse_batch,
+    parse_sync_request,
+    structure_body,
+    sync_answer_json,
+)
+from .bodies import RoundStart, Submit, round_start_error
 from .idempotency import IdempotencyKeys, Keep
 from .ratelimit import TokenBuckets, retry_after_header
 from .views import (
     PeerStates,
-    Reply,
-    error_reply,
     health_json,
-    ingest_reply,
-    rejection_reply,
+    rejection_response,
     round_json,
+    started_response,
     status_json,
-    submit_reply,
+    submit_response,
 )
 
 log = logging.getLogger("anna.rpc")
@@ -45,10 +51,6 @@ MAX_IN_FLIGHT = 512
 ROUND_ANSWER_CACHE = 64  # rounds whose status answer is kept encoded (the ones being polled)
 
 Route = Callable[[Request], Awaitable[Response]]
-
-
-def _reply(reply: Reply) -> Response:
-    return json_response(reply.status, reply.body, reply.headers)
 
 
 def _dispatch(routes: dict[str, dict[str, Route]], request: Request) -> Route | Response:
@@ -71,13 +73,17 @@ def _dispatch(routes: dict[str, dict[str, Route]], request: Request) -> Route | 
 
 
 def _decode_json(request: Request) -> Any:
-    """Decoded JSON body, or a Reply for malformed JSON (400)."""
+    """Decoded JSON body, or the Response for malformed JSON (400)."""
     try:
         return json.loads(request.body)
     except (ValueError, UnicodeDecodeError) as exc:
-        return error_reply(400, "malformed_json", f"body is not valid JSON: {exc}")
+        return error_response(400, "malformed_json", f"body is not valid JSON: {exc}")
     except RecursionError:  # ~1000 nested arrays or objects fit easily in 64 KiB
-        return error_reply(400, "malformed_json", "body is nested too deeply")
+        return error_response(400, "malformed_json", "body is nested too deeply")
+
+
+def _refusal(exc: MessageError) -> Response:
+    return error_response(exc.status, exc.code, str(exc))
 
 
 # Node-to-node endpoints: validators only (SPEC §7). Everything else on the port is for
@@ -159,7 +165,7 @@ class RpcServer:
             )
         return await route(request)
 
-    async def _guarded(self, work: Callable[[], Awaitable[Reply]]) -> Response:
+    async def _guarded(self, work: Callable[[], Awaitable[Response]]) -> Response:
         """Concurrency cap (503 when saturated) and the server-side timeout (503)."""
         try:
             self._in_flight.acquire_nowait()
@@ -167,63 +173,58 @@ class RpcServer:
             return error_response(503, "overloaded", "server overloaded, retry later")
         try:
             with trio.move_on_after(self.limits.request_timeout):
-                reply = await work()
+                response = await work()
                 await failpoints.hit_async("rpc.before_reply")
-                return _reply(reply)
+                return response
             return error_response(503, "timeout", "request timed out on the server")
         finally:
             self._in_flight.release()
 
     async def _health(self, request: Request) -> Response:
-        return _reply(Reply(200, health_json(self.node.node_id)))
+        return json_response(200, health_json(self.node.node_id))
 
     async def _submit(self, request: Request) -> Response:
-        async def work(keep: Keep | None) -> Reply:
+        async def work(keep: Keep | None) -> Response:
             payload = _decode_json(request)
-            if isinstance(payload, Reply):
+            if isinstance(payload, Response):
                 return payload
-            if not isinstance(payload, dict) or set(payload) != {"observation"}:
+            try:
+                body = structure_body(payload, Submit)
+            except MessageError as exc:
                 self.metrics.observations_received.labels("invalid").inc()
-                return error_reply(422, "invalid_request", 'body must be {"observation": {...}}')
+                return _refusal(exc)
 
             def kept(outcome: SubmitOutcome) -> list[Statement]:
-                return [] if keep is None else keep(submit_reply(outcome))
+                return [] if keep is None else keep(submit_response(outcome))
 
             try:
-                return submit_reply(await self.node.submit(payload["observation"], keep_with=kept))
+                outcome = await self.node.submit(body.observation, keep_with=kept)
             except Rejected as rejected:
-                return rejection_reply(rejected.kind, str(rejected))
+                return rejection_response(rejected.kind, str(rejected))
+            return submit_response(outcome)
 
         return await self._guarded(lambda: self._keys.answer_once("submit", request, work))
 
     async def _round_start(self, request: Request) -> Response:
-        async def work(keep: Keep | None) -> Reply:
+        async def work(keep: Keep | None) -> Response:
             payload = _decode_json(request) if request.body else {}
-            if isinstance(payload, Reply):
+            if isinstance(payload, Response):
                 return payload
-            return await self._start(payload, keep)
+            try:
+                start = structure_body({} if payload is None else payload, RoundStart)
+            except MessageError as exc:
+                return round_start_error(exc)
+            return await self._start(start, keep)
 
         return await self._guarded(lambda: self._keys.answer_once("round_start", request, work))
 
-    async def _start(self, payload: Any, keep: Keep | None) -> Reply:
-        if payload is None:
-            payload = {}
-        if not isinstance(payload, dict) or set(payload) - {"round_id", "window_hours"}:
-            return error_reply(422, "invalid_request", "expected {round_id?, window_hours?}")
-        round_id = payload.get("round_id")
-        window = payload.get("window_hours", 24)
-        if round_id is not None and not is_round_id(round_id):
-            return error_reply(
-                422, "invalid_round_id", f"round_id must match {ROUND_ID_RE.pattern}"
-            )
-        if not is_window_hours(window):
-            return error_reply(422, "invalid_window", "window_hours must be an integer 1..8760")
-
+    async def _start(self, start: RoundStart, keep: Keep | None) -> Response:
+        round_id = start.round_id
         if round_id is None or self.node.engine.status_of(round_id) is None:
             wait = self.node.admission(self.limits.pending_rounds)
             if wait is not None:
                 self.metrics.rounds_refused.inc()
-                return error_reply(
+                return error_response(
                     503,
                     "overloaded",
                     "this node cannot finish more rounds in time; retry later",
@@ -231,19 +232,19 @@ class RpcServer:
                 )
 
         def kept(started: str | None) -> list[Statement]:
-            return [] if keep is None or started is None else keep(_started_reply(started))
+            return [] if keep is None or started is None else keep(started_response(started))
 
-        started = await self.node.start_round(round_id, window, keep_with=kept)
+        started = await self.node.start_round(round_id, start.window_hours, keep_with=kept)
         if started is None:
-            return error_reply(
+            return error_response(
                 409, "round_too_old", f"round {round_id!r} sorts before every round this node keeps"
             )
-        return _started_reply(started)
+        return started_response(started)
 
     async def _status(self, request: Request) -> Response:
         round_ids = request.query.get("round_id")
         if round_ids is None:
-            return _reply(Reply(200, status_json(self.node, self._peer_states)))
+            return json_response(200, status_json(self.node, self._peer_states))
         if len(round_ids) != 1:
             return error_response(400, "bad_request", "give round_id once")
         view = self.node.engine.round(round_ids[0])
@@ -266,13 +267,13 @@ class RpcServer:
         return answer
 
     async def _reconcile_route(self, request: Request) -> Response:
-        async def work() -> Reply:
+        async def work() -> Response:
             before = {v.round_id: v.result.digest for v in self.node.engine.rounds()}
             await self._reconcile()
             changed = sum(
                 1 for v in self.node.engine.rounds() if before.get(v.round_id) != v.result.digest
             )
-            return Reply(
+            return json_response(
                 200,
                 {
                     "success": True,
@@ -284,35 +285,28 @@ class RpcServer:
         return await self._guarded(work)
 
     async def _gossip(self, request: Request) -> Response:
-        async def work() -> Reply:
+        async def work() -> Response:
             payload = _decode_json(request)
-            if isinstance(payload, Reply):
+            if isinstance(payload, Response):
                 return payload
             try:
                 batch = parse_batch(payload)
             except MessageError as exc:
-                return error_reply(exc.status, exc.code, str(exc))
+                return _refusal(exc)
             counts, own = await self.node.gossip(batch)
-            reply = ingest_reply(counts)
-            if own:
-                reply.body["observations"] = [obs.to_dict() for obs in own]
-            return reply
+            return json_response(200, gossip_answer_json(counts, own))
 
         return await self._guarded(work)
 
     async def _sync(self, request: Request) -> Response:
-        async def work() -> Reply:
+        async def work() -> Response:
             payload = _decode_json(request)
-            if isinstance(payload, Reply):
+            if isinstance(payload, Response):
                 return payload
             try:
                 sync_request = parse_sync_request(payload)
             except MessageError as exc:
-                return error_reply(exc.status, exc.code, str(exc))
-            return Reply(200, sync_answer_json(self.node.sync_answer(sync_request)))
+                return _refusal(exc)
+            return json_response(200, sync_answer_json(self.node.sync_answer(sync_request)))
 
         return await self._guarded(work)
-
-
-def _started_reply(round_id: str) -> Reply:
-    return Reply(202, {"success": True, "round_id": round_id})

@@ -1,6 +1,7 @@
 """What the RPC port answers, as JSON: the node's outcomes and views (SPEC §7).
 
-Every error is ``{"success": false, "error": <code>, "message": <text>}``.
+Every error is ``{"success": false, "error": <code>, "message": <text>}``. Answers are
+the transport's Response, encoded once: an Idempotency-Key keeps its bytes.
 """
 
 from __future__ import annotations
@@ -12,27 +13,13 @@ import attrs
 
 from .. import __version__
 from ..consensus.engine import RoundView
-from ..node import IngestCounts, Node, SubmitOutcome
+from ..node import Node, SubmitOutcome
+from ..transport.server import Response, error_response, json_response
 from ..wire import evidence_json
 
 STATUS_ROUNDS = 100
 
 PeerStates = Callable[[], list[dict[str, Any]]]
-
-
-@attrs.frozen
-class Reply:
-    """An answer the routes send as JSON."""
-
-    status: int
-    body: dict[str, Any]
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-def error_reply(
-    status: int, code: str, message: str, headers: tuple[tuple[str, str], ...] = ()
-) -> Reply:
-    return Reply(status, {"success": False, "error": code, "message": message}, headers)
 
 
 REJECTION_STATUS = {
@@ -41,23 +28,25 @@ REJECTION_STATUS = {
 }
 
 
-def rejection_reply(kind: str, message: str) -> Reply:
+def rejection_response(kind: str, message: str) -> Response:
     """An observation refused before the engine saw it (node.Rejected)."""
     status, code = REJECTION_STATUS.get(kind, (403, "unknown_node"))
-    return error_reply(status, code, message)
+    return error_response(status, code, message)
 
 
-def submit_reply(outcome: SubmitOutcome) -> Reply:
+def submit_response(outcome: SubmitOutcome) -> Response:
     if outcome is SubmitOutcome.CONFLICT:
-        return error_reply(409, "conflict", "Observation rejected (Byzantine detected)")
+        return error_response(409, "conflict", "Observation rejected (Byzantine detected)")
     if outcome is SubmitOutcome.NOT_A_VALIDATOR:
-        return error_reply(403, "unknown_node", "node is not a validator of this round")
+        return error_response(403, "unknown_node", "node is not a validator of this round")
     duplicate = outcome is SubmitOutcome.DUPLICATE
-    return Reply(200, {"success": True, "message": "Observation accepted", "duplicate": duplicate})
+    return json_response(
+        200, {"success": True, "message": "Observation accepted", "duplicate": duplicate}
+    )
 
 
-def ingest_reply(counts: IngestCounts) -> Reply:
-    return Reply(200, {"success": True, **attrs.asdict(counts)})
+def started_response(round_id: str) -> Response:
+    return json_response(202, {"success": True, "round_id": round_id})
 
 
 def health_json(node_id: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import attrs
 
-from .. import crypto, tls
+from .. import crypto, pki
 
 RPC_BASE = 8000
 METRICS_BASE = 9000
@@ -123,14 +123,14 @@ def init(layout: Layout, *, compose: bool = False, force: bool = False) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     layout.save()
     if layout.tls:
-        tls.init_ca(directory / "ca")
+        pki.init_ca(directory / "ca")
     pubkeys = {}
     for ep in layout.endpoints:
         node_dir = layout.node_dir(ep.n)
         key = crypto.create_keypair(node_dir / "keys")
         pubkeys[ep.n] = crypto.public_key_hex(key)
         if layout.tls:
-            tls.issue_cert(
+            pki.issue_cert(
                 directory / "ca",
                 node_id=ep.node_id,
                 sans=["localhost", ep.host, f"anna-node-{ep.n}"],
