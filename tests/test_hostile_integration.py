@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from _attacks import Attacker
 from _launch import LiveCluster, Samples, metrics, round_everywhere, value
-from anna_trio import pki, tls
+from anna_trio import pki
 from anna_trio.models import Limits
 
 pytestmark = pytest.mark.integration
@@ -77,7 +77,7 @@ def outsider(cluster: LiveCluster, tmp_path_factory: pytest.TempPathFactory) -> 
     cert, key = pki.issue_cert(
         ca, node_id="outsider", sans=["127.0.0.1"], out_dir=tmp_path_factory.mktemp("outsider")
     )
-    return Outsider(ca / tls.CA_CERT_NAME, cert, key)
+    return Outsider(ca / pki.CA_CERT_NAME, cert, key)
 
 
 def rss_mib(pid: int) -> float:
