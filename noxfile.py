@@ -7,6 +7,10 @@ import shutil
 
 import nox
 
+# The test sessions install the package as `pip install .` does (a wheel built from
+# the checkout, not an editable install), so the tests run what operators install.
+WHEEL = ".[test]"
+
 nox.options.sessions = ["lint", "tests", "sim", "chaos", "browser", "powerloss", "deploy"]
 nox.options.reuse_existing_virtualenvs = True
 
@@ -15,15 +19,15 @@ nox.options.reuse_existing_virtualenvs = True
 def lint(session: nox.Session) -> None:
     """ruff check, ruff format --check and strict mypy over the package and benchmarks."""
     session.install("-e", ".[test]", "ruff>=0.6", "mypy>=1.11")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "anna_trio", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "anna_trio", "tests", "benchmarks", "noxfile.py")
     session.run("mypy")
 
 
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
     """Unit, property and integration tests (real annad processes, real TLS)."""
-    session.install("-e", ".[test]")
+    session.install(WHEEL)
     args = session.posargs or ["-q", "-p", "no:cacheprovider"]
     session.run(
         "pytest",
@@ -46,7 +50,7 @@ def sim(session: nox.Session) -> None:
     ANNA_SIM_SEEDS sets how many seeds run, ANNA_SIM_WORKERS over how many processes.
     PYTHONHASHSEED is pinned: set iteration order is part of a run.
     """
-    session.install("-e", ".[test]")
+    session.install(WHEEL)
     args = session.posargs or ["-q", "-p", "no:cacheprovider", "-s"]
     session.run("pytest", "tests/sim", *args, env={"PYTHONHASHSEED": "0"})
 
@@ -59,7 +63,7 @@ def chaos(session: nox.Session) -> None:
     ANNA_CHAOS_ROUNDS (default 40) sizes the kill -9 scenario: the issue's full run is
     `ANNA_CHAOS_ROUNDS=100 nox -s chaos`; ANNA_CHAOS_SEED picks the victims.
     """
-    session.install("-e", ".[test]")
+    session.install(WHEEL)
     args = session.posargs or ["-q", "-p", "no:cacheprovider", "-rs"]
     session.run("pytest", "tests/chaos", *args)
 
@@ -74,7 +78,7 @@ def powerloss(session: nox.Session) -> None:
     ANNA_POWERLOSS_CRASH (default every crash point) choose the cases; a failure prints
     the line that replays it.
     """
-    session.install("-e", ".[test]")
+    session.install(WHEEL)
     args = session.posargs or ["-q", "-p", "no:cacheprovider", "-rs"]
     session.run("pytest", "tests/powerloss", *args)
 
@@ -89,7 +93,7 @@ def deploy(session: nox.Session) -> None:
     skips elsewhere, saying why. The base image stays in dockerd's image store, the
     machines' root filesystem in $ANNA_DEPLOY_CACHE (default /var/cache/anna-trio).
     """
-    session.install("-e", ".[test]")
+    session.install(WHEEL)
     args = session.posargs or ["tests/deploy", "-q", "-p", "no:cacheprovider", "-rs"]
     session.run("pytest", *args)
 
@@ -102,7 +106,7 @@ def browser(session: nox.Session) -> None:
     accessibility. Fails in CI (CI=true) when chromium or npm is missing; skips
     elsewhere, saying why.
     """
-    session.install("-e", ".[test]", "playwright>=1.40", "pillow>=10")
+    session.install(WHEEL, "playwright>=1.40", "pillow>=10")
     axe = session.cache_dir / "axe-core"
     if shutil.which("npm"):
         session.run(

@@ -15,7 +15,7 @@ Phases, on a local mTLS cluster on free ports:
            node's /metrics is scraped --scrape-rate times a second and its console page
            loaded --page-rate times a second.
 
-Run it against another checkout (`PYTHONPATH=/path/to/checkout/src`) for an A/B: the
+Run it against another checkout (`PYTHONPATH=/path/to/checkout`) for an A/B: the
 script talks to annad over HTTP only, and skips the console page where there is none.
 """
 

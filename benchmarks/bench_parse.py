@@ -2,7 +2,7 @@
 other node's observation every round) and `parse_batch` of a 3-observation gossip body.
 
 Runs against whichever anna_trio is importable, so the same script measures a tree
-before and after a change (`PYTHONPATH=<other checkout>/src python benchmarks/bench_parse.py`).
+before and after a change (`PYTHONPATH=<other checkout> python benchmarks/bench_parse.py`).
 Where the strict converter is present, its path is measured too (what an observation
 the shortcut does not take costs). Prints one JSON document, microseconds per call.
 
