@@ -37,6 +37,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 130
     except BrokenPipeError:
         code = 0
+    except OSError as exc:  # a path no handler expected: said plainly, not a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"annactl {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        code = 1
     sys.exit(code)
 
 
