@@ -236,6 +236,10 @@ class Daemon:
 
     def _metrics_listener(self, node: Node, console: NodeConsoleSource) -> ConsoleServer:
         """/metrics, probes, failpoints and the console: quart-trio on hypercorn."""
+
+        def count_error(kind: str) -> None:
+            self.metrics.http_errors.labels("metrics", kind).inc()
+
         app = make_app(
             console,
             self.metrics,
@@ -243,12 +247,13 @@ class Daemon:
             is_ready=lambda: self.ready,
             failpoints_http=os.environ.get("ANNA_FAILPOINTS_HTTP") == "1",
             console=self.settings.console,
-            count_error=lambda kind: self.metrics.http_errors.labels("metrics", kind).inc(),
+            count_error=count_error,
         )
         front = CappedRelay(
             ConnectionLimits(),
             dropped=lambda reason: self.metrics.listener_dropped.labels("metrics", reason).inc(),
             opened=lambda count: self.metrics.listener_connections.labels("metrics").set(count),
+            refused=count_error,
         )
         return ConsoleServer(app, front, graceful_timeout=SHUTDOWN_GRACE)
 

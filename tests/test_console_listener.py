@@ -20,6 +20,7 @@ import trio
 from quart_trio import QuartTrio
 
 from anna_trio.console import CappedRelay, ConnectionLimits, ConsoleServer, make_app, server
+from anna_trio.console.listener import hypercorn_refusal
 from anna_trio.metrics import Metrics
 from anna_trio.transport.client import HttpClient
 from console_fakes import FakeSource
@@ -28,7 +29,7 @@ BIG = 4 * 1024 * 1024
 READ = 65536
 
 
-def console_app(tmp_path: Path) -> QuartTrio:
+def console_app(tmp_path: Path, errors: list[str] | None = None) -> QuartTrio:
     """The real app (its guard and error handlers) plus three test routes."""
     (tmp_path / "audit.jsonl").write_bytes(b"")
     app = make_app(
@@ -38,6 +39,7 @@ def console_app(tmp_path: Path) -> QuartTrio:
         is_ready=lambda: True,
         failpoints_http=False,
         console=True,
+        count_error=(errors if errors is not None else []).append,
     )
 
     @app.get("/big")
@@ -64,6 +66,8 @@ class Running:
     server: ConsoleServer
     dropped: list[str]
     finished: trio.Event
+    refused: list[str]  # what the relay counted of hypercorn's own refusals
+    app_errors: list[str]  # what the app counted
 
     async def connect(self) -> trio.SocketStream:
         return await trio.open_tcp_stream(self.host, self.port)
@@ -81,8 +85,10 @@ class Running:
 @asynccontextmanager
 async def serving(tmp_path: Path, *, grace: float = 2.0, **limits: Any) -> AsyncIterator[Running]:
     dropped: list[str] = []
-    front = CappedRelay(ConnectionLimits(**limits), dropped=dropped.append)
-    console = ConsoleServer(console_app(tmp_path), front, graceful_timeout=grace)
+    refused: list[str] = []
+    app_errors: list[str] = []
+    front = CappedRelay(ConnectionLimits(**limits), dropped=dropped.append, refused=refused.append)
+    console = ConsoleServer(console_app(tmp_path, app_errors), front, graceful_timeout=grace)
     finished = trio.Event()
 
     async def serve(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
@@ -94,7 +100,7 @@ async def serving(tmp_path: Path, *, grace: float = 2.0, **limits: Any) -> Async
     async with trio.open_nursery() as nursery:
         host, port = await nursery.start(serve)
         try:
-            yield Running(host, port, console, dropped, finished)
+            yield Running(host, port, console, dropped, finished, refused, app_errors)
         finally:
             console.shutdown()
 
@@ -166,6 +172,54 @@ async def test_requests_that_crashed_the_old_listener_are_refused(
         if answer.startswith(b"HTTP/1.1 "):
             assert answer[9:10] == b"4", answer[:200]
         assert await running.get("/health") == (200, b'{"status":"ok"}')
+
+
+@pytest.mark.parametrize(
+    ("request_head", "kind"),
+    [
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", "malformed"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", "malformed"),
+        (b"\xff\xfe\x00 junk\r\n\r\n", "malformed"),
+        (b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 20_000, "too_large"),
+    ],
+)
+async def test_requests_hypercorn_refuses_are_counted_once(
+    tmp_path: Path, request_head: bytes, kind: str
+) -> None:
+    """A request hypercorn's parser refuses never reaches the app: the relay counts it
+    (issue 16: every listener counts malformed input), and only it does."""
+    async with serving(tmp_path) as running:
+        answer = await raw(running, request_head)
+        assert answer.startswith(b"HTTP/1.1 4"), answer[:200]
+        assert (running.refused, running.app_errors) == ([kind], [])
+
+
+async def test_the_apps_own_refusals_are_not_counted_again(tmp_path: Path) -> None:
+    """A 400 the app counted (an unsplittable target) and a 404 pass the relay uncounted."""
+    async with serving(tmp_path) as running:
+        assert (await raw(running, b"GET http://[::1 HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(
+            b"HTTP/1.1 400"
+        )
+        assert (await running.get("/no/such/page"))[0] == 404
+        assert (running.refused, running.app_errors) == ([], ["malformed"])
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind"),
+    [
+        (b"HTTP/1.1 400 \r\ncontent-length: 0\r\nconnection: close\r\n\r\n", "malformed"),
+        (
+            b"HTTP/1.1 200 \r\ncontent-length: 2\r\n\r\nokHTTP/1.1 431 \r\nContent-Length: 0\r\n\r\n",
+            "too_large",
+        ),
+        (b'HTTP/1.1 400 \r\ncontent-length: 12\r\n\r\n{"error":1}', None),
+        (b"HTTP/1.1 200 \r\ncontent-length: 0\r\n\r\n", None),
+        (b"HTTP/1.1 400 \r\ncontent-length: 0\r\n", None),  # head not finished
+        (b"", None),
+    ],
+)
+def test_hypercorn_refusal_is_a_4xx_with_no_body(answer: bytes, kind: str | None) -> None:
+    assert hypercorn_refusal(answer) == kind
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,11 @@ A client that closes its side gets what is in flight for `drain_after_close` mor
 then the connection ends (at once if it never sent a byte). hypercorn is not told of
 the close: told, it drops an answer still in flight, and an idle connection it holds
 until its keep-alive timeout, with the slot.
+
+A request hypercorn's own parser refuses (a header line without a colon, a head over
+its limit) never reaches the app, so the app cannot count it: the relay does, from the
+refusal passing through (`hypercorn_refusal`), so every listener counts its malformed
+input in anna_http_errors_total.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from collections.abc import Callable
 import attrs
 import trio
 
+from .app import MALFORMED, TOO_LARGE
+
 log = logging.getLogger("anna.console")
 
 RECEIVE_SIZE = 64 * 1024
@@ -34,6 +41,17 @@ ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno
 ACCEPT_RETRY_DELAY = 0.1
 
 PER_CLIENT_CAP, SEND_TIMEOUT = "per_client_cap", "send_timeout"
+
+
+def hypercorn_refusal(answer: bytes) -> str | None:
+    """The error kind when `answer`, the last bytes hypercorn sent before it closed the
+    connection, ends in its own refusal of a request it could not parse: a 4xx with
+    `content-length: 0` (the app's refusals all carry a JSON body); None otherwise."""
+    tail = answer[answer.rfind(b"HTTP/1.1 4") :] if b"HTTP/1.1 4" in answer else b""
+    head, ended, body = tail.partition(b"\r\n\r\n")
+    if not ended or body or b"\r\ncontent-length: 0\r\n" not in head.lower() + b"\r\n":
+        return None
+    return TOO_LARGE if head[9:12] in (b"413", b"431") else MALFORMED
 
 
 @attrs.frozen
@@ -50,7 +68,8 @@ class ConnectionLimits:
 class CappedRelay:
     """Accepts on the public address within `limits` and relays each connection to a
     Unix socket. `dropped(reason)` is told of every connection it refuses or ends for a
-    limit, `opened(count)` of the number open whenever it changes."""
+    limit, `opened(count)` of the number open whenever it changes, `refused(kind)` of
+    every request hypercorn's parser refused."""
 
     def __init__(
         self,
@@ -58,8 +77,10 @@ class CappedRelay:
         *,
         dropped: Callable[[str], None] = lambda reason: None,
         opened: Callable[[int], None] = lambda count: None,
+        refused: Callable[[str], None] = lambda kind: None,
     ) -> None:
         self._backend = b""
+        self._refused = refused
         self._limits = limits
         self._dropped = dropped
         self._opened = opened
@@ -184,13 +205,19 @@ class CappedRelay:
     ) -> None:
         """hypercorn → client, each write within send_timeout; hypercorn closing its end
         ends the connection."""
+        last = b""
         try:
             while data := await backend.receive_some(RECEIVE_SIZE):
+                last = data
                 with trio.move_on_after(self._limits.send_timeout) as sending:
                     await client.send_all(data)
                 if sending.cancelled_caught:
                     self._dropped(SEND_TIMEOUT)
                     break
+            else:  # hypercorn closed: after its own refusal of a request?
+                if kind := hypercorn_refusal(last):
+                    log.info("metrics listener: hypercorn refused a request (%s)", kind)
+                    self._refused(kind)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         both.cancel()
