@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import nox
 
 # The test sessions install the package as `pip install .` does (a wheel built from
 # the checkout, not an editable install), so the tests run what operators install.
 WHEEL = ".[test]"
+# What the browser session drives chromium with (lint type-checks its tests against it).
+BROWSER_DRIVER = ("playwright>=1.40", "pillow>=10")
 
 nox.options.sessions = ["lint", "tests", "sim", "chaos", "browser", "powerloss", "deploy"]
 nox.options.reuse_existing_virtualenvs = True
@@ -17,11 +20,27 @@ nox.options.reuse_existing_virtualenvs = True
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
-    """ruff check, ruff format --check and strict mypy over the package and benchmarks."""
-    session.install("-e", ".[test]", "ruff>=0.6", "mypy>=1.11")
+    """ruff check, ruff format --check and strict mypy over the package, the benchmarks
+    and every test.
+
+    pytest puts each test folder that is not a package on sys.path (with tests/, whose
+    helpers they share) and imports its conftest as `conftest`; mypy checks each such
+    folder the same way, one run apiece, so the four conftests never collide.
+    """
+    session.install("-e", ".[test]", "ruff>=0.6", "mypy>=1.11", *BROWSER_DRIVER)
     session.run("ruff", "check", "anna_trio", "tests", "benchmarks", "noxfile.py")
     session.run("ruff", "format", "--check", "anna_trio", "tests", "benchmarks", "noxfile.py")
     session.run("mypy")
+    for folder in test_folders():
+        files = sorted(str(path) for path in folder.glob("*.py"))
+        session.run("mypy", *files, env={"MYPYPATH": f"{folder}{os.pathsep}tests"})
+
+
+def test_folders() -> list[Path]:
+    """The test folders pytest imports by path (tests/sim, a package, is in pyproject's
+    mypy files)."""
+    folders = {path.parent for path in Path("tests").rglob("*.py")}
+    return sorted(folder for folder in folders if not (folder / "__init__.py").exists())
 
 
 @nox.session(python="3.11")
@@ -106,7 +125,7 @@ def browser(session: nox.Session) -> None:
     accessibility. Fails in CI (CI=true) when chromium or npm is missing; skips
     elsewhere, saying why.
     """
-    session.install(WHEEL, "playwright>=1.40", "pillow>=10")
+    session.install(WHEEL, *BROWSER_DRIVER)
     axe = session.cache_dir / "axe-core"
     if shutil.which("npm"):
         session.run(

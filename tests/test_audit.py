@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -26,7 +27,7 @@ from anna_trio.audit import (
 )
 
 
-def write_entries(path: Path, count: int, floor: int = 0) -> list[dict[str, object]]:
+def write_entries(path: Path, count: int, floor: int = 0) -> list[dict[str, Any]]:
     log = AuditLog.open(path, "node_001", AuditIdAllocator(floor))
     try:
         return [log.append("daemon_start", {"n": n}) for n in range(count)]

@@ -166,7 +166,12 @@ def test_tls_paths_resolve_against_the_peers_folder(
 ) -> None:
     """Relative tls paths are resolved against peers.yml's folder; absolute ones kept."""
     seen: list[TlsConfig] = []
-    monkeypatch.setattr(pki, "check_tls_material", lambda tls: seen.append(tls) or [])
+
+    def check(tls: TlsConfig) -> list[str]:
+        seen.append(tls)
+        return []
+
+    monkeypatch.setattr(pki, "check_tls_material", check)
     text = TLS_BLOCK + "peers:\n" + peer_block()
     config = load_cluster_config(write(tmp_path, text), node_id="n1")
     assert config.tls.enabled
@@ -444,7 +449,12 @@ def test_tls_files_are_checked_only_when_asked_and_complete(
 ) -> None:
     """check_tls_files=False, or an incomplete tls block, never calls check_tls_material."""
     calls: list[TlsConfig] = []
-    monkeypatch.setattr(pki, "check_tls_material", lambda tls: calls.append(tls) or ["x"])
+
+    def check(tls: TlsConfig) -> list[str]:
+        calls.append(tls)
+        return ["x"]
+
+    monkeypatch.setattr(pki, "check_tls_material", check)
     text = TLS_BLOCK + "peers:\n" + peer_block()
     load_cluster_config(write(tmp_path, text), node_id="n1", check_tls_files=False)
     problems_of(tmp_path, "tls:\n  enabled: true\npeers:\n" + peer_block())

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 import pytest
+from hypercorn.typing import ASGIReceiveEvent, ASGISendEvent, ConnectionState, HTTPScope
 from quart_trio import QuartTrio
 
 from anna_trio import __version__, failpoints
@@ -224,13 +225,13 @@ async def asgi_call(app: QuartTrio, path: str, headers: list[tuple[bytes, bytes]
     """One request straight through the ASGI interface (targets no test client sends)."""
     sent: list[dict[str, Any]] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> ASGIReceiveEvent:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+    async def send(message: ASGISendEvent) -> None:
+        sent.append(dict(message))
 
-    scope = {
+    scope: HTTPScope = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -243,6 +244,8 @@ async def asgi_call(app: QuartTrio, path: str, headers: list[tuple[bytes, bytes]
         "headers": [(b"host", b"x"), *headers],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 2),
+        "state": ConnectionState({}),
+        "extensions": {},
     }
     await app(scope, receive, send)
     return sent

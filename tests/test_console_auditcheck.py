@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from anna_trio.audit import AuditIdAllocator, AuditLog, AuditVerification
+from anna_trio.audit import AuditIdAllocator, AuditLog, AuditVerification, verify_audit_log
 from anna_trio.console import auditcheck
 from anna_trio.console.auditcheck import PAGE_WAIT, AuditChainCheck
 
@@ -27,7 +27,7 @@ def append(path: Path, count: int) -> None:
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[AuditVerification | None]:
     """The `resume` argument of every verification the check runs."""
     seen: list[AuditVerification | None] = []
-    real = auditcheck.verify_audit_log
+    real = verify_audit_log
 
     def recording(path: Path, *, resume: AuditVerification | None = None) -> AuditVerification:
         seen.append(resume)
@@ -67,7 +67,7 @@ async def test_a_grown_log_is_checked_from_where_the_last_check_ended(
     append(path, 2)
     second = (await check_now(check)).result
     assert calls == [None, first]
-    assert second == auditcheck.verify_audit_log(path) and second is not None
+    assert second == verify_audit_log(path) and second is not None
     assert (second.ok, second.entries) == (True, 5)
 
 
@@ -115,7 +115,7 @@ async def test_a_slow_check_holds_a_page_no_longer_than_page_wait(
     append(path, 2)
     release, began = threading.Event(), threading.Event()
     started: list[Any] = []
-    real = auditcheck.verify_audit_log
+    real = verify_audit_log
 
     def slow(path: Path, *, resume: AuditVerification | None = None) -> AuditVerification:
         started.append(resume)

@@ -96,7 +96,7 @@ def test_a_new_node_key_is_durable_with_its_directory_entries(
     named = [p.name if p.parent == keys else p for p in fsyncs.paths]
     assert named[:2] == [tmp_path, state_dir]  # the new directories, in their parents
     assert named[2:4] == [secret.name, keys]  # the secret key's data, then its name
-    assert named[4].startswith(f".{public.name}.") and named[5] == keys  # the public key's
+    assert str(named[4]).startswith(f".{public.name}.") and named[5] == keys  # the public key's
     assert len(named) == 6
     assert stat.S_IMODE(keys.stat().st_mode) == 0o700
     assert stat.S_IMODE((keys / crypto.SECRET_KEY_FILE).stat().st_mode) == 0o600

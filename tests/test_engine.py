@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 import pytest
 from hypothesis import given, settings
@@ -39,7 +41,7 @@ def make_engine(nodes: int = 3, quorum: int = 2, **options: float) -> Engine:
     return Engine(EngineConfig(frozenset(NODE_IDS[:nodes]), quorum, **options))  # type: ignore[arg-type]
 
 
-def kinds(events: list[object]) -> list[str]:
+def kinds(events: Sequence[object]) -> list[str]:
     return [type(event).__name__ for event in events]
 
 

@@ -148,14 +148,12 @@ def model(scenario: Scenario) -> tuple[dict[str, RoundResult], dict[str, tuple[s
     complete: list[str] = []
     deviants: dict[str, set[str]] = {}
     for r in round_ids:
-        counted = [o for n, o in held[r].items() if not (n in conflict and conflict[n] <= r)]
-        if len(counted) >= config.quorum:
+        kept = [o for n, o in held[r].items() if not (n in conflict and conflict[n] <= r)]
+        if len(kept) >= config.quorum:
             complete.append(r)
-            median = statistics.median(o.tis_overall for o in counted)
+            median = statistics.median(o.tis_overall for o in kept)
             deviants[r] = {
-                o.node_id
-                for o in counted
-                if abs(o.tis_overall - median) > config.deviation_threshold
+                o.node_id for o in kept if abs(o.tis_overall - median) > config.deviation_threshold
             }
     deviation: dict[str, str] = {}
     window = config.window_count

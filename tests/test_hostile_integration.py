@@ -38,7 +38,11 @@ from anna_trio.models import Limits
 
 pytestmark = pytest.mark.integration
 
-DEADLINES = {"handshake_timeout": 2.0, "send_timeout": 3.0, "keep_alive_timeout": 3.0}
+DEADLINES: dict[str, Any] = {
+    "handshake_timeout": 2.0,
+    "send_timeout": 3.0,
+    "keep_alive_timeout": 3.0,
+}
 LIMITS = Limits(**DEADLINES)  # the connection bounds at their defaults
 PEERS_EXTRA = "limits:\n" + "".join(f"  {k}: {v}\n" for k, v in DEADLINES.items())
 OUTSIDER_BOUND = LIMITS.max_connections - LIMITS.validator_connection_reserve

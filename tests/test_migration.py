@@ -203,7 +203,7 @@ def test_corrupt_backup_rolls_back_then_next_run_migrates(
     failpoints.disarm("migrate.after_checksum")
     assert run_migration(tmp_path, tmp_path / "audit.jsonl") is MigrationOutcome.MIGRATED
     ids = [e["audit_id"] for e in audit_entries(tmp_path / "audit.jsonl")]
-    assert ids == sorted(set(ids)) and ids[0] > V1["last_audit_id"]  # type: ignore[operator]
+    assert ids == sorted(set(ids)) and ids[0] > V1["last_audit_id"]
     assert verify_audit_log(tmp_path / "audit.jsonl").ok
 
 
@@ -486,6 +486,6 @@ def test_migration_state_machine(tmp_path: Path) -> None:
     # skipping fsync lets the machine explore many more interleavings in the time budget.
     with mock.patch("os.fsync"):
         run_state_machine_as_test(
-            lambda: MigrationMachine(tmp_path),
+            lambda: MigrationMachine(tmp_path),  # type: ignore[arg-type]  # any factory works
             settings=settings(max_examples=40, stateful_step_count=15, deadline=None),
         )

@@ -80,7 +80,7 @@ def assert_migrated_once(node: dict[str, Path]) -> None:
     assert not (node["state_dir"] / V2_TEMP_NAME).exists()
     assert verify_audit_log(node["audit"]).ok
     log = entries(node["audit"])
-    assert all(e["audit_id"] > V1["last_audit_id"] for e in log)  # type: ignore[operator]
+    assert all(e["audit_id"] > V1["last_audit_id"] for e in log)
     successes = [e for e in log if e["event"] == "state_migration" and e["result"] == "success"]
     assert len(successes) == 1
 

@@ -12,12 +12,11 @@ import trio.testing
 
 from anna_trio.metrics import Metrics
 from anna_trio.models import PeerConfig
-from anna_trio.node import IngestCounts
 from anna_trio.outbox import PeerQueue
 from anna_trio.peers import PeerLink
 from anna_trio.seams import PeerTransport, SystemClock
 from anna_trio.transport.client import PeerConnectionError, Response
-from anna_trio.wire import Batch, SyncRequest
+from anna_trio.wire import Batch, IngestCounts, SyncRequest
 
 PEER = PeerConfig("node_002", "127.0.0.1", 8002, "00" * 32)
 

@@ -101,7 +101,7 @@ def test_watchdog_interval_ignores_other_pid(monkeypatch: pytest.MonkeyPatch) ->
 
 
 ENV_TEXT = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=8
+    alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\0"), max_size=8
 )
 
 

@@ -57,7 +57,12 @@ def test_testnet_run_prints_the_console_urls_before_the_scenarios(
     calls: list[str] = []
     monkeypatch.setattr(testnet, "init", lambda layout, **kw: calls.append("init"))
     monkeypatch.setattr(testnet, "up", lambda layout: calls.append("up"))
-    monkeypatch.setattr(testnet, "down", lambda layout: calls.append("down") or [])
+
+    def down(layout: testnet.Layout) -> list[str]:
+        calls.append("down")
+        return []
+
+    monkeypatch.setattr(testnet, "down", down)
 
     async def scenarios(layout: testnet.Layout) -> list[testnet.ScenarioResult]:
         calls.append("scenarios")

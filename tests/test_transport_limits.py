@@ -240,9 +240,9 @@ async def test_outsiders_pending_handshakes_are_bounded_and_time_out(
         await trio.sleep(0.1)
         assert served.dropped == ["handshake_limit"]
         assert served.server.statistics().handshakes == 2
-        tcp, stream = await tls_from(VALIDATOR, served.port, pki.client_context("node_002"))
+        tcp, tls = await tls_from(VALIDATOR, served.port, pki.client_context("node_002"))
         await streams.enter_async_context(tcp)
-        assert await answer(stream)
+        assert await answer(tls)
         await trio.sleep(LIMITS.handshake_timeout)
         assert served.tls_failures == ["timeout", "timeout"]
         assert served.server.statistics().handshakes == 0
