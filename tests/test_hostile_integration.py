@@ -343,6 +343,14 @@ def test_crashing_urls_and_a_generated_family_around_them(
     trio.run(under_attack, cluster, "nothing", outsider)  # alive, no error of ours, rounds
 
 
+def assert_outsiders_filled_their_share(watch: Watch) -> None:
+    """The attack held the outsiders' share full: the table refuses for connection_limit
+    only then (under_attack checked it was never exceeded; its sampled gauge can miss the
+    instants it was full)."""
+    assert watch.seen["held"] >= OUTSIDER_BOUND, watch
+    assert watch.dropped["connection_limit"] > 0, watch
+
+
 def test_clients_that_pipeline_and_never_read(cluster: LiveCluster, outsider: Outsider) -> None:
     """1,000 connections each pipelining POST /rpc/sync (and GET /rpc/status, a larger
     answer) and never reading: the node holds no more of them than its bounds allow,
@@ -352,9 +360,7 @@ def test_clients_that_pipeline_and_never_read(cluster: LiveCluster, outsider: Ou
     watch = trio.run(
         partial(under_attack, lasting=LIMITS.send_timeout + 3), cluster, "never_read", outsider
     )
-    assert watch.seen["held"] >= OUTSIDER_BOUND, watch
-    assert watch.max_outsiders == OUTSIDER_BOUND, watch
-    assert watch.dropped["connection_limit"] > 0, watch
+    assert_outsiders_filled_their_share(watch)
 
 
 def test_crlf_keep_alive_cannot_hold_a_connection(cluster: LiveCluster, outsider: Outsider) -> None:
@@ -372,9 +378,7 @@ def test_connection_floods(cluster: LiveCluster, outsider: Outsider) -> None:
     """1,500 busy connections held and connections opened and dropped as fast as the
     attacker can: outsiders get their share and not one connection more."""
     watch = trio.run(partial(under_attack, lasting=3), cluster, "flood", outsider)
-    assert watch.seen["held"] >= OUTSIDER_BOUND, watch
-    assert watch.max_outsiders == OUTSIDER_BOUND, watch
-    assert watch.dropped["connection_limit"] > 0, watch
+    assert_outsiders_filled_their_share(watch)
 
 
 def test_slow_handshakes(cluster: LiveCluster, outsider: Outsider) -> None:
