@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nspawn import Lan, Machine, booted
+from nspawn import Lan, Machine, MachineError, booted
 from runbook import ShellBlock, section_blocks
 
 from conftest import ROOT, follow, install_anna
@@ -109,8 +109,27 @@ def start_round(node: Machine, round_id: str) -> None:
     assert node.run(f"annactl round start --round-id {round_id}").stdout.strip() == round_id
 
 
+# What a node that has not heard of a round yet shows while we wait for it there.
+NOT_YET_KNOWN: dict[str, Any] = {
+    "status": "NotKnownHere",
+    "participating_nodes": [],
+    "result_digest": None,
+}
+
+
 def views(nodes: dict[int, Machine], round_id: str) -> dict[int, dict[str, Any]]:
-    return {n: annactl(node, f"round show {round_id}") for n, node in nodes.items()}
+    """Each node's view of the round; NOT_YET_KNOWN where it answers 404 (a restarted
+    node hears of a new round once its peers' links to it are back)."""
+    seen: dict[int, dict[str, Any]] = {}
+    for n, node in nodes.items():
+        done = node.run(f"annactl round show {round_id} --json", check=False)
+        if done.returncode == 0:
+            seen[n] = json.loads(done.stdout)
+        elif "HTTP 404" in done.stderr:
+            seen[n] = NOT_YET_KNOWN
+        else:
+            raise MachineError(f"{node.name}: round show {round_id}: {done.stderr}")
+    return seen
 
 
 def wait_complete(
