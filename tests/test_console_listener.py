@@ -9,6 +9,9 @@ shutdown finishes in-flight requests within the grace period. Real clock, short 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -103,6 +106,34 @@ async def serving(tmp_path: Path, *, grace: float = 2.0, **limits: Any) -> Async
             yield Running(host, port, console, dropped, finished, refused, app_errors)
         finally:
             console.shutdown()
+
+
+def listening_unix_sockets() -> set[str]:
+    """The names this process listens on as AF_UNIX sockets, as /proc/net/unix lists them
+    (an abstract name starts with `@`)."""
+    ours = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                ours.add(link.removeprefix("socket:[").removesuffix("]"))
+    names = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()  # Num RefCount Protocol Flags Type St Inode [Path]
+        if len(fields) == 8 and fields[6] in ours and int(fields[3], 16) & 0x10000:
+            names.add(fields[7])  # 0x10000: __SO_ACCEPTCON, a listening socket
+    return names
+
+
+def private_socket_directory(name: str) -> Path:
+    """The directory of the socket listening on `name`, checked to be a path (not an
+    abstract name) in a directory of mode 0700 owned by this user."""
+    assert not name.startswith("@"), f"hypercorn listens on the abstract socket {name}"
+    socket_path = Path(name)
+    assert stat.S_ISSOCK(socket_path.stat().st_mode)
+    directory = socket_path.parent.stat()
+    assert (stat.S_IMODE(directory.st_mode), directory.st_uid) == (0o700, os.getuid())
+    return socket_path.parent
 
 
 async def raw(running: Running, data: bytes, *, wait: float = 2.0) -> bytes:
@@ -395,6 +426,37 @@ async def test_shutdown_ends_within_the_grace_period(tmp_path: Path) -> None:
             await running.finished.wait()
         assert trio.current_time() - begin < 3.0
         await stuck.aclose()
+
+
+async def test_hypercorn_listens_in_a_private_directory_removed_at_shutdown(
+    tmp_path: Path,
+) -> None:
+    """hypercorn's socket is a path, not an abstract name (which any local process could
+    connect to, past the cap), in a directory of mode 0700 that only this user can
+    enter; shutdown removes the directory."""
+    before = listening_unix_sockets()
+    async with serving(tmp_path) as running:
+        (name,) = listening_unix_sockets() - before
+        directory = private_socket_directory(name)
+        assert (await running.get("/health"))[0] == 200
+        running.server.shutdown()
+        with trio.fail_after(5):
+            await running.finished.wait()
+        assert not directory.exists()
+
+
+async def test_a_cancelled_server_removes_its_socket_directory(tmp_path: Path) -> None:
+    """serve() cancelled (the daemon's root nursery failing) still removes it."""
+    before = listening_unix_sockets()
+    console = ConsoleServer(
+        console_app(tmp_path), CappedRelay(ConnectionLimits()), graceful_timeout=1.0
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(console.serve, "127.0.0.1", 0)
+        (name,) = listening_unix_sockets() - before
+        directory = private_socket_directory(name)
+        nursery.cancel_scope.cancel()
+    assert not directory.exists()
 
 
 def test_hypercorn_limits_are_configured() -> None:

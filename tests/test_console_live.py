@@ -3,8 +3,9 @@
 Issue 16's requests that crashed or exhausted the node, on this port: unparseable
 targets, a connection flood from many loopback addresses (127.0.0.2 and up, beyond the
 cap) and clients that never read. The node lives, holds at most the cap, stays small,
-keeps answering scrapes and the RPC port, and logs no traceback. `--no-console`
-leaves Prometheus' endpoints and nothing else.
+keeps answering scrapes and the RPC port, and logs no traceback. With the console off
+(`ANNA_CONSOLE=false`) the machine endpoints answer (/metrics, /health, /ready, the
+failpoints) and nothing else does.
 """
 
 from __future__ import annotations

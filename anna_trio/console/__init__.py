@@ -1,5 +1,5 @@
 """The metrics listener: a quart-trio app on hypercorn with `/metrics`, health, readiness,
-failpoints and the read-only operator console (ARCHITECTURE: console/).
+failpoints and the read-only operator console.
 
 `make_app` builds the app over a `ConsoleSource` (the node's read-only view; the
 daemon's adapter is `node_source.NodeConsoleSource`), `ConsoleServer` serves it.

@@ -6,8 +6,9 @@ and `hypercorn.trio.serve` builds its listeners from its binds, so nothing can w
 them. The cap therefore stands in front, like Prometheus' LimitListener in front of its
 web server: this listener owns the public port, accepts at most `max_connections` at
 once (the rest wait in the kernel's backlog), refuses a client address's connection
-over `max_per_client` open ones, and relays each connection's bytes to hypercorn on a private socket
-(an abstract Unix socket that only this process knows the name of). A client that
+over `max_per_client` open ones, and relays each connection's bytes to hypercorn on a
+Unix socket inside a directory of mode 0700 (server.py): the directory's permissions
+are what keep other users from connecting to hypercorn past the cap. A client that
 stops reading its answers is disconnected after `send_timeout`: neither hypercorn (its
 sends have no deadline) nor this relay holds more than one read's worth per direction.
 A client that closes its side gets what is in flight for `drain_after_close` more, and
@@ -79,7 +80,7 @@ class CappedRelay:
         opened: Callable[[int], None] = lambda count: None,
         refused: Callable[[str], None] = lambda kind: None,
     ) -> None:
-        self._backend = b""
+        self._backend = ""
         self._refused = refused
         self._limits = limits
         self._dropped = dropped
@@ -96,21 +97,25 @@ class CappedRelay:
         self,
         host: str,
         port: int,
-        backend: bytes,
+        backend: str,
         *,
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Bind, report the bound (host, port), relay to the Unix socket `backend` until
-        `close()` and the last connection end."""
+        """Bind, report the bound (host, port), relay to the Unix socket at the path
+        `backend` until `close()` and the last connection end (cancelled, it closes its
+        listeners all the same)."""
         self._backend = backend
         self._listeners = await trio.open_tcp_listeners(
             port, host=host, backlog=self._limits.backlog
         )
-        async with trio.open_nursery() as connections:
-            for listener in self._listeners:
-                connections.start_soon(self._accept, listener, connections)
-            bound = self._listeners[0].socket.getsockname()
-            task_status.started((str(bound[0]), int(bound[1])))
+        try:
+            async with trio.open_nursery() as connections:
+                for listener in self._listeners:
+                    connections.start_soon(self._accept, listener, connections)
+                bound = self._listeners[0].socket.getsockname()
+                task_status.started((str(bound[0]), int(bound[1])))
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Stop accepting; open connections end when hypercorn ends them."""

@@ -2,9 +2,9 @@
 connection per peer.
 
 Why not httpx: measured at about 0.8–1.0 ms of CPU per request against about 0.15 ms
-here, and peer traffic sits on the round's hot path (ARCHITECTURE.md); h11 took ~35 µs of
-that to frame and parse, llhttp takes ~2. A new mTLS connection costs about 5 ms, so the
-connection is kept alive and reopened on demand.
+here (benchmarks/bench_client.py), and peer traffic sits on the round's hot path; h11
+took ~35 µs of that to frame and parse, llhttp takes ~2. A new mTLS connection costs
+about 5 ms, so the connection is kept alive and reopened on demand.
 
     PeerError                    (anna_trio._exceptions)
     └── PeerConnectionError      connect, handshake, I/O or HTTP framing failed
