@@ -349,7 +349,7 @@ class AuditLog:
             entry["hash"] = entry_hash(self._last_hash, entry)
             line = (json.dumps(entry, separators=(",", ":"), allow_nan=False) + "\n").encode()
             _write_all(self._fd, line)
-            durable.fsync_log(self._fd)
+            durable.fsync(self._fd)
             self._last_id = audit_id
             self._last_hash = entry["hash"]
             Anchor(audit_id, entry["hash"]).write(self.anchor_path)

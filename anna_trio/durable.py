@@ -3,16 +3,18 @@
 A write survives power loss only once its data is fsynced, and a new or renamed file
 only once its directory is too (the name lives in the directory). So files are written
 temp → fsync → rename → fsync(dir), new files and directories get their parent
-fsynced, and the node database's WAL is fsynced through `fsync` as well.
+fsynced, and the node database's WAL is fsynced through `fsync_wal`.
 
 Everything here blocks on the disk: the daemon calls it from worker threads
 (`trio.to_thread`), never on the event loop.
 
-``ANNA_UNSAFE_NO_FSYNC=1`` in the environment skips the fsyncs of the two logs that
-make answers durable — the node database's WAL and the audit log (etcd's
-``--unsafe-no-fsync`` does the same to its WAL) — for one purpose: the power-loss suite
-shows with it that it does catch the losses they prevent. Whole-file writes stay
-synced. A process started with it logs a warning that says so.
+``ANNA_UNSAFE_NO_FSYNC=1`` in the environment skips one fsync: the node database WAL's
+(`fsync_wal`), the one every 2xx answer and every own signature waits for (etcd's ``--unsafe-no-fsync`` does the same to its WAL). It exists
+for one purpose: the power-loss suite shows with it that it does catch the loss of
+acknowledged data. Everything else stays synced: the audit log and its chain-head
+anchor, which must agree after a power cut (an anchor naming entries the log lost makes
+annad refuse to start, before any loss could be checked), the audit_id reservation,
+state.json, keys and directories. A process started with it logs a warning saying so.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ _log = logging.getLogger(__name__)
 
 
 def warn_if_unsafe() -> None:
-    """Say loudly at start-up that nothing this process writes survives a power cut."""
+    """Say loudly at start-up that what this process acknowledges may not survive a
+    power cut."""
     if SKIP_FSYNC:
         _log.warning(
-            "%s=1: fsync is OFF - acknowledged data is lost at a power cut (tests only)",
+            "%s=1: the WAL's fsync is OFF - acknowledged data is lost at a power cut (tests only)",
             UNSAFE_ENV,
         )
 
@@ -41,9 +44,8 @@ def fsync(fd: int) -> None:
     os.fsync(fd)
 
 
-def fsync_log(fd: int) -> None:
-    """fsync an append-only log (the store's WAL, the audit log), unless the unsafe
-    test switch is on."""
+def fsync_wal(fd: int) -> None:
+    """fsync the node database's WAL, unless the unsafe test switch is on."""
     if not SKIP_FSYNC:
         os.fsync(fd)
 

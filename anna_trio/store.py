@@ -185,7 +185,7 @@ class FileDisk:
         await trio.to_thread.run_sync(self.sync_now, abandon_on_cancel=False)
 
     def sync_now(self) -> None:
-        durable.fsync_log(self._wal_fd)
+        durable.fsync_wal(self._wal_fd)
 
     async def checkpoint(self) -> None:
         """Copy the WAL into the database file (it fsyncs both) on a worker thread. New

@@ -5,8 +5,8 @@ with every fsync on against the same cluster with the logs' fsyncs skipped.
    directory on the benchmark's filesystem and fsync it, `--fsyncs` times; what one
    fsync on the round's critical path costs here.
 2. `rounds`: bench_cluster.py --nodes 3 (mTLS, latency phase) twice, durable and with
-   ANNA_UNSAFE_NO_FSYNC=1 (the WAL's and the audit log's fsyncs skipped: the test-only
-   switch), alternating `--pairs` times so drift in the machine's load falls on both.
+   ANNA_UNSAFE_NO_FSYNC=1 (the WAL's fsync skipped: the test-only switch; audit
+   entries are not written on a round's path), alternating `--pairs` times so drift in the machine's load falls on both.
    The difference in round p50/p99 is what the fsyncs add to a round.
 
 Prints one JSON document.
