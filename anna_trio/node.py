@@ -40,7 +40,9 @@ from .policy import (
     EarlyPulls,
     RelayHolds,
     Timers,
+    clock_round_id,
     direct_fan_out,
+    outsider_may_name,
     round_admission,
     stuck_check_delay,
 )
@@ -401,6 +403,13 @@ class Node:
             self._outbox.broadcast("observations", obs.to_dict())
         return round_id
 
+    def may_be_named_by_outsiders(self, round_id: str) -> bool:
+        """Whether a client that is not a validator may start `round_id` here: one this
+        node knows, or a new one that sorts no later than a fresh id (`outsider_may_name`)."""
+        return self.engine.status_of(round_id) is not None or outsider_may_name(
+            round_id, self.clock.wall()
+        )
+
     def admission(self, limit: int) -> float | None:
         """None when this node can take a new round now; else the seconds to Retry-After
         (`limit`: rounds short of a quorum it may hold, `limits.pending_rounds`)."""
@@ -412,8 +421,7 @@ class Node:
         )
 
     def _fresh_round_id(self) -> str:
-        moment = datetime.fromtimestamp(self.clock.wall(), UTC)
-        candidate = "round_" + moment.strftime("%Y%m%dT%H%M%S.%fZ")
+        candidate = clock_round_id(self.clock.wall())
         ids = self.engine.round_ids()
         if ids and candidate <= ids[-1]:
             candidate = ids[-1][:60] + ".1"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from datetime import UTC, datetime
 
 import attrs
 
@@ -116,3 +117,21 @@ def round_admission(
     if oldest_learned is not None and now - oldest_learned > ADMISSION_AGE_FRACTION * round_timeout:
         return ADMISSION_RETRY_AFTER
     return None
+
+
+def clock_round_id(wall_time: float) -> str:
+    """`round_<UTC time, ISO basic with microseconds>`: where a fresh round id made now
+    sorts (`Node` goes above it when it already knows a round that sorts later)."""
+    return "round_" + datetime.fromtimestamp(wall_time, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def outsider_may_name(round_id: str, wall_time: float) -> bool:
+    """Whether a client that is not a validator may start a new round named `round_id`.
+
+    A node keeps the rounds whose ids sort last and refuses ids that sort before all of
+    them, so a client free to name rounds that sort after every id the cluster makes
+    could push out, and then refuse, every round the cluster starts from then on
+    (`round_<time>` from the interval coordinator and fresh ids alike). Outsiders may
+    therefore name only ids that sort no later than a fresh id made now; validators,
+    whose rounds the cluster trusts, may name any."""
+    return round_id <= clock_round_id(wall_time)

@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import json
 import random
+import re
 import signal
 import ssl
 import sys
@@ -226,6 +227,85 @@ def _client_hello_prefix() -> bytes:
     return hello[: len(hello) // 2]
 
 
+def post(path: str, body: bytes, *headers: str) -> bytes:
+    head = "".join(f"{h}\r\n" for h in headers)
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-length: {len(body)}\r\n{head}\r\n"
+    ).encode() + body
+
+
+async def answer_status(stream: TlsStream, buffer: bytearray) -> int | None:
+    """The status of the next answer on `stream`, its body consumed; None once closed."""
+    while b"\r\n\r\n" not in buffer:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return None
+        buffer += chunk
+    head, _, _ = bytes(buffer).partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    end = len(head) + 4 + (int(length.group(1)) if length else 0)
+    while len(buffer) < end:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return None
+        buffer += chunk
+    del buffer[:end]
+    return int(head.split(b" ", 2)[1])
+
+
+FLOOD_ROUNDS = 1000
+
+
+async def rounds_and_keys(
+    attacker: Attacker, in_full_swing: trio.Event, seen: dict[str, Any]
+) -> None:
+    """50 outsiders, each from an address of its own (each with a rate limit of its own),
+    asking as fast as they are answered: gossip naming 1,000 rounds `zzzz_…` that sort
+    after every id the cluster makes, round starts naming such rounds, and submits with
+    a fresh Idempotency-Key each and a body the schema refuses. What the node answered,
+    by status."""
+    gossip = post(
+        "/rpc/gossip",
+        json.dumps(
+            {
+                "rounds": [
+                    {"round_id": f"zzzz_{i:04}", "window_hours": 24} for i in range(FLOOD_ROUNDS)
+                ]
+            }
+        ).encode(),
+    )
+    statuses: dict[str, int] = seen.setdefault("statuses", {})
+    placed = Countdown(50, in_full_swing)
+    numbers = itertools.count()
+
+    async def one() -> None:
+        opened = await attacker.tls_persistently()
+        placed.tick()
+        if opened is None:
+            return
+        tcp, stream = opened
+        buffer = bytearray()
+        async with tcp:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while True:
+                    n = next(numbers)
+                    start = json.dumps({"round_id": f"zzzz_{n % FLOOD_ROUNDS:04}"}).encode()
+                    for request in (
+                        gossip,
+                        post("/rpc/round/start", start, f"idempotency-key: start-{n}"),
+                        post("/rpc/submit", b'{"observation": 1}', f"idempotency-key: sub-{n}"),
+                    ):
+                        await stream.send_all(request)
+                        status = await answer_status(stream, buffer)
+                        if status is None:
+                            return
+                        statuses[str(status)] = statuses.get(str(status), 0) + 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(one)
+
+
 async def nothing(attacker: Attacker, in_full_swing: trio.Event, seen: dict[str, Any]) -> None:
     """No attack: the checks alone, after one that ran in the test's own process."""
     in_full_swing.set()
@@ -238,6 +318,7 @@ ATTACKS: dict[str, Attack] = {
     "crlf": crlf,
     "flood": flood,
     "slow_handshakes": slow_handshakes,
+    "rounds_and_keys": rounds_and_keys,
 }
 
 

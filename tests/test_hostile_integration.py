@@ -8,7 +8,8 @@ RSS stays within idle + 100 MiB and its connections within the configured bounds
 error of ours was counted, and that the rounds complete on all three nodes with all
 three observations. Attacks: the URLs that once ended the daemon and a generated
 family around them (hypothesis over request lines and headers), clients that
-pipeline and never read, `\\r\\n` keep-alive, connection floods, slow handshakes.
+pipeline and never read, `\\r\\n` keep-alive, connection floods, slow handshakes,
+round floods and Idempotency-Key floods.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -396,3 +398,33 @@ def test_slow_handshakes(cluster: LiveCluster, outsider: Outsider) -> None:
     assert watch.dropped.get("slow_request", 0) == 0, watch
     settled = rss_mib(cluster.pid(1))
     assert settled - watch.idle_rss <= 20, f"RSS idle {watch.idle_rss:.0f}, after {settled:.0f}"
+
+
+def test_round_and_key_floods_change_nothing(cluster: LiveCluster, outsider: Outsider) -> None:
+    """Outsiders pushing 1,000 rounds `zzzz_…` through gossip (node-to-node: 403),
+    naming them in round starts (they would sort after every round the cluster makes
+    and push its rounds out: 403), and sending submits the schema refuses under a fresh
+    Idempotency-Key each (422, and nothing kept): no such round exists anywhere, the
+    idempotency table holds not one row more, and the cluster's rounds go on."""
+    database = next(cluster.layout.node_dir(1).rglob("node.db"))
+    keys_before = idempotency_rows(database)
+    watch = trio.run(partial(under_attack, lasting=3), cluster, "rounds_and_keys", outsider)
+    statuses = {int(status): count for status, count in watch.seen["statuses"].items()}
+    assert statuses.get(403, 0) > 0 and statuses.get(422, 0) > 0, statuses
+    assert set(statuses) <= {403, 422, 429}, statuses
+    assert idempotency_rows(database) == keys_before
+
+    async def nothing_named_zzzz() -> None:
+        async with cluster.connect() as rpc:
+            for n in (1, 2, 3):
+                assert await rpc.round(n, "zzzz_0000") is None, n
+                _, body = await rpc.rpc(n, "GET", "/rpc/status")
+                assert not [r for r in body["rounds"] if r["round_id"].startswith("zzzz")], n
+
+    trio.run(nothing_named_zzzz)
+
+
+def idempotency_rows(database: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        (count,) = db.execute("SELECT COUNT(*) FROM idempotency").fetchone()
+    return int(count)

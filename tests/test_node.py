@@ -84,10 +84,10 @@ def make_node(
 
 
 @asynccontextmanager
-async def started(directory: Path, *others: str) -> AsyncIterator[Node]:
+async def started(directory: Path, *others: str, clock: Clock | None = None) -> AsyncIterator[Node]:
     """make_node, restored from `directory` and running (store writer and node tasks)
     until the block ends; then stopped and its store closed, as a restart would."""
-    node = make_node(directory, *others)
+    node = make_node(directory, *others, clock=clock)
     node.restore()
     async with trio.open_nursery() as nursery:
         await nursery.start(node.store.run)

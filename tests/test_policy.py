@@ -8,6 +8,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
+from anna_trio.coordinator import interval_round_id
 from anna_trio.policy import (
     ADMISSION_AGE_FRACTION,
     DIRECT_FAN_OUT_MAX_VALIDATORS,
@@ -17,7 +18,9 @@ from anna_trio.policy import (
     RelayHolds,
     Timer,
     Timers,
+    clock_round_id,
     direct_fan_out,
+    outsider_may_name,
     round_admission,
 )
 from strategies import signed_observation
@@ -88,3 +91,26 @@ def test_admission_refuses_exactly_when_work_is_piling_up(
     )
     assert (wait is not None) == piling
     assert wait is None or wait > 0
+
+
+wall_times = st.floats(min_value=0, max_value=4e9, allow_nan=False)
+
+
+@given(
+    t=wall_times,
+    later=st.floats(min_value=0, max_value=1e8, allow_nan=False),
+    interval=st.integers(1, 86_400),
+    round_id=st.from_regex(r"\A[A-Za-z0-9_.:-]{1,64}\Z"),
+)
+def test_no_round_an_outsider_may_name_sorts_after_the_cluster_s_later_rounds(
+    t: float, later: float, interval: int, round_id: str
+) -> None:
+    """Ids an outsider may name at `t` sort before every fresh id made later and before
+    the interval coordinator's ids from the next interval on, so no flood of them can
+    make a later cluster round sort before everything a node keeps."""
+    allowed = outsider_may_name(round_id, t)
+    assert allowed == (round_id <= clock_round_id(t))
+    if allowed:
+        assert round_id <= clock_round_id(t + later)
+        next_interval = (math.floor(t / interval) + 1) * interval
+        assert round_id < interval_round_id(next_interval + later, interval)

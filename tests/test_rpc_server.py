@@ -13,10 +13,12 @@ import pytest
 import trio
 import trio.testing
 
+from anna_trio.coordinator import interval_round_id
 from anna_trio.models import Limits, TlsConfig
+from anna_trio.policy import clock_round_id
 from anna_trio.rpc.server import VALIDATORS_ONLY, RpcServer
 from anna_trio.transport.server import Request, Response
-from test_node import started
+from test_node import RETAIN, complete, started
 
 VALIDATOR_ADDRESS = "127.0.0.1"
 PUBLIC = {
@@ -48,9 +50,16 @@ def with_tls(rpc: RpcServer) -> None:
 
 
 async def call(
-    rpc: RpcServer, method: str, path: str, *, client: str, peer_name: str | None = None
+    rpc: RpcServer,
+    method: str,
+    path: str,
+    *,
+    client: str,
+    peer_name: str | None = None,
+    body: bytes | None = None,
 ) -> Response:
-    body = b'{"summary": {}}' if path == "/rpc/sync" else b"{}"
+    if body is None:
+        body = b'{"summary": {}}' if path == "/rpc/sync" else b"{}"
     return await rpc.handle(Request(method, path, {}, {}, body, client, peer_name))
 
 
@@ -110,3 +119,78 @@ async def test_a_method_not_allowed_says_which_are(
     answer = await call(server, method, path, client=VALIDATOR_ADDRESS)
     assert answer.status == 405
     assert dict(answer.headers)["allow"] == allowed
+
+
+@attrs.define
+class SettableClock:
+    now: float
+
+    def wall(self) -> float:
+        return self.now
+
+
+async def test_outsiders_cannot_name_rounds_that_push_out_the_cluster_s_own(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The round flood of the serving-under-attack issue, through the round start: a node
+    keeps the rounds whose ids sort last, so rounds an outsider named `zzzz_…` would fill
+    what it keeps and then refuse every interval round after them (409), restarts
+    included. Outsiders may name only ids that sort no later than a fresh one; their
+    rounds still start, validators may name any, and the interval rounds go on."""
+    clock = SettableClock(1_800_000_000.0)
+
+    async def start(rpc: RpcServer, round_id: str, client: str) -> Response:
+        body = json.dumps({"round_id": round_id}).encode()
+        return await call(rpc, "POST", "/rpc/round/start", client=client, body=body)
+
+    async with started(tmp_path, clock=clock) as node:
+        rpc = RpcServer(node, node.metrics, reconcile=_no_reconcile)
+        rpc.set_limits(Limits(), frozenset({VALIDATOR_ADDRESS}))
+        for i in range(2 * RETAIN):
+            refused = await start(rpc, f"zzzz_{i:04}", "127.0.0.2")
+            assert refused.status == 403, refused.body
+            assert json.loads(refused.body)["error"] == "round_id_after_now"
+        assert node.engine.round_ids() == []
+        for _ in range(2 * RETAIN):
+            clock.now += 0.001
+            named = clock_round_id(clock.now)
+            assert (await start(rpc, named, "127.0.0.2")).status == 202
+            assert (await start(rpc, named, "127.0.0.2")).status == 202  # known: idempotent
+        assert (await start(rpc, "zzzz_validator", VALIDATOR_ADDRESS)).status == 202
+        clock.now += 1
+        await complete(node, interval_round_id(clock.now, 1))
+    clock.now += 1
+    async with started(tmp_path, clock=clock) as node:
+        await complete(node, interval_round_id(clock.now, 1))
+
+
+async def test_reconciles_asked_for_together_share_one_pass(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """/rpc/reconcile is open to any client; each pass opens a connection to every
+    peer, so requests that arrive while one runs wait for it instead of starting more."""
+    passes = 0
+    release = trio.Event()
+
+    async def slow_reconcile() -> int:
+        nonlocal passes
+        passes += 1
+        await release.wait()
+        return 0
+
+    async with started(tmp_path) as node:
+        rpc = RpcServer(node, node.metrics, reconcile=slow_reconcile)
+        rpc.set_limits(Limits(), frozenset({VALIDATOR_ADDRESS}))
+        answers: list[Response] = []
+
+        async def ask(client: str) -> None:
+            answers.append(await call(rpc, "POST", "/rpc/reconcile", client=client))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(ask, f"127.0.0.{i + 2}")
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+        assert passes == 1 and [a.status for a in answers] == [200] * 10
+        await call(rpc, "POST", "/rpc/reconcile", client="127.0.0.2")
+        assert passes == 2

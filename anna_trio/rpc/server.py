@@ -113,6 +113,7 @@ class RpcServer:
         self._in_flight = trio.CapacityLimiter(MAX_IN_FLIGHT)
         self._keys = IdempotencyKeys(node.store, node.clock, self.limits)
         self._round_answers: OrderedDict[str, tuple[RoundView, Response]] = OrderedDict()
+        self._reconciling: trio.Event | None = None
         self._routes: dict[str, dict[str, Route]] = {
             "/health": {"GET": self._health},
             "/rpc/submit": {"POST": self._submit},
@@ -214,12 +215,23 @@ class RpcServer:
                 start = structure_body({} if payload is None else payload, RoundStart)
             except MessageError as exc:
                 return round_start_error(exc)
-            return await self._start(start, keep)
+            return await self._start(start, keep, validator=self.is_validator(request))
 
         return await self._guarded(lambda: self._keys.answer_once("round_start", request, work))
 
-    async def _start(self, start: RoundStart, keep: Keep | None) -> Response:
+    async def _start(self, start: RoundStart, keep: Keep | None, *, validator: bool) -> Response:
         round_id = start.round_id
+        if (
+            round_id is not None
+            and not validator
+            and not self.node.may_be_named_by_outsiders(round_id)
+        ):
+            return error_response(
+                403,
+                "round_id_after_now",
+                f"round {round_id!r} sorts after a fresh round id: only validators may name "
+                "such a round; start it without round_id to get a fresh one",
+            )
         if round_id is None or self.node.engine.status_of(round_id) is None:
             wait = self.node.admission(self.limits.pending_rounds)
             if wait is not None:
@@ -269,7 +281,7 @@ class RpcServer:
     async def _reconcile_route(self, request: Request) -> Response:
         async def work() -> Response:
             before = {v.round_id: v.result.digest for v in self.node.engine.rounds()}
-            await self._reconcile()
+            await self._reconcile_once()
             changed = sum(
                 1 for v in self.node.engine.rounds() if before.get(v.round_id) != v.result.digest
             )
@@ -283,6 +295,20 @@ class RpcServer:
             )
 
         return await self._guarded(work)
+
+    async def _reconcile_once(self) -> None:
+        """One anti-entropy pass with every peer at a time: a reconcile asked for while
+        one runs waits for that one, so no client can turn its requests into a new
+        connection to every peer each."""
+        if self._reconciling is not None:
+            await self._reconciling.wait()
+            return
+        self._reconciling = done = trio.Event()
+        try:
+            await self._reconcile()
+        finally:
+            self._reconciling = None
+            done.set()
 
     async def _gossip(self, request: Request) -> Response:
         async def work() -> Response:
