@@ -7,6 +7,7 @@
     ├── LockHeldError        another process holds the state-dir lock (exit 78)
     ├── ObservationError     an observation failed validation (HTTP 422)
     ├── PeerError            a peer could not be reached or answered badly
+    ├── NodeHalted           a decision could not be made durable (exit 1)
     └── FailpointError       an armed `error` failpoint fired
 
 Library errors are translated at the boundary with ``raise ... from exc``.
@@ -55,6 +56,12 @@ class ObservationError(AnnaError, ValueError):
 
 class PeerError(AnnaError, OSError):
     """Raised when a peer cannot be reached, times out or answers garbage."""
+
+
+class NodeHalted(AnnaError):
+    """Raised in the node's own task when a decision's commit, audit entries and
+    broadcasts could not all be carried out: the node stops rather than run on with a
+    decision whose audit entry is missing (fail-stop, as etcd does on a WAL error)."""
 
 
 class FailpointError(AnnaError):

@@ -24,7 +24,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import crypto, failpoints
-from ._exceptions import ObservationError
+from ._exceptions import NodeHalted, ObservationError
 from .audit import RESERVED_FIELDS, AuditIdAllocator, AuditLog
 from .consensus import COMPLETE, PENDING
 from .consensus import events as ev
@@ -474,7 +474,7 @@ class Node:
     async def _apply(self, effects: Effects) -> None:
         """Bookkeeping first (it never waits), then the durable step — commit, audit
         entries, broadcasts — shielded, so a request's timeout cannot leave a decision in
-        the database without its audit entry; an error there ends the node. Even an
+        the database without its audit entry; an error there ends the node (`_halt`). Even an
         answer with nothing new waits for the durability of what it acknowledges (a
         duplicate of an observation gossip brought a moment ago)."""
         for round_id in effects.forget:
@@ -489,24 +489,36 @@ class Node:
             if self._relays.hold(obs):
                 self._add_timer(RELAY_LINGER, RELAY, obs.round_id)
         with trio.CancelScope(shield=True):
-            written, self._audited = self._audited, []
-            await self.store.commit(
-                [
-                    *written,
-                    *effects.statements,
-                    *(Store.audit_intent_stmt(e.event, e.fields) for e in effects.audits),
-                ]
-            )
-            for entry in effects.audits:
-                await self._write_audit(entry)
-            for message in effects.broadcasts:
-                self._outbox.broadcast(message.kind, message.item, exclude=message.exclude)
+            try:
+                written, self._audited = self._audited, []
+                await self.store.commit(
+                    [
+                        *written,
+                        *effects.statements,
+                        *(Store.audit_intent_stmt(e.event, e.fields) for e in effects.audits),
+                    ]
+                )
+                for entry in effects.audits:
+                    await self._write_audit(entry)
+                for message in effects.broadcasts:
+                    self._outbox.broadcast(message.kind, message.item, exclude=message.exclude)
+            except Exception as exc:
+                self._halt(exc)
+                raise
         for round_id in effects.release_relays:
             self._flush_relays(round_id)
         self._count(effects)
         if effects.state_dirty:
             self.mark_state_dirty()
         self._deadline_changed.set()
+
+    def _halt(self, exc: Exception) -> None:
+        """End the node (and the daemon: exit 1, systemd restarts it) once a decision
+        could not be carried out whole; the next start writes the audit entries whose
+        intents were committed (`_unwritten_audits`). The caller gets `exc` as well."""
+        log.critical("a decision could not be made durable: stopping the node (%r)", exc)
+        if self._nursery is not None:
+            self._nursery.start_soon(_halted, exc)
 
     async def _write_audit(self, entry: AuditEntry) -> None:
         """Append the entry, and let the next commit drop its intent."""
@@ -633,6 +645,10 @@ class Node:
         """An instant of Trio's clock as RFC 3339 UTC on the wall clock."""
         wall = self.clock.wall() - (trio.current_time() - trio_time)
         return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def _halted(cause: Exception) -> None:
+    raise NodeHalted(f"a decision could not be made durable: {cause}") from cause
 
 
 def _submit_outcome(events: Iterable[ev.Event]) -> SubmitOutcome:

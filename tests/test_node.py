@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 from anna_trio import crypto
+from anna_trio._exceptions import NodeHalted
 from anna_trio.audit import AuditIdAllocator, AuditLog
 from anna_trio.metrics import Metrics
 from anna_trio.models import ClusterConfig, Observation, PeerConfig, SyntheticObserver
@@ -494,3 +495,69 @@ async def test_an_audit_entry_a_crash_cut_off_is_written_at_the_next_start(
     entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     detected = [e["byzantine_node"] for e in entries if e["event"] == "byzantine_detected"]
     assert sorted(detected) == ["node_002", "node_003"]
+
+
+def conflicting_pair(round_id: str) -> Batch:
+    """Two different observations node_002 signed for one round: a Byzantine decision,
+    whose audit entry `byzantine_detected` must go with its commit."""
+    return observations_of(
+        signed_observation("node_002", round_id, 0.8),
+        signed_observation("node_002", round_id, 0.2, outcome_tag="other"),
+    )
+
+
+def byzantine_entries(node: Node) -> list[dict[str, Any]]:
+    return [e for e in node._audit.recent_entries(50) if e["event"] == "byzantine_detected"]
+
+
+async def test_a_request_that_times_out_mid_decision_still_writes_its_audit_entry(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The request's deadline passes while the decision's audit entry is being written
+    (a slow disk): the shielded step finishes it, so the database never holds a
+    Byzantine decision the audit log lacks."""
+    async with started(tmp_path, "node_002", "node_003") as node:
+        disk_answers = trio.Event()
+
+        async def on_a_slow_disk(work: Callable[[], object]) -> object:
+            await disk_answers.wait()
+            return work()
+
+        node._run_blocking = on_a_slow_disk
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_set_after, 2, disk_answers)
+            with trio.move_on_after(1):  # the request's timeout
+                await node.ingest(conflicting_pair("r1"))
+        assert [e["byzantine_node"] for e in byzantine_entries(node)] == ["node_002"]
+
+
+async def _set_after(seconds: float, event: trio.Event) -> None:
+    await trio.sleep(seconds)
+    event.set()
+
+
+async def test_a_decision_that_cannot_be_made_durable_ends_the_node(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commit, audit entry and broadcasts go together or the node ends: an audit log
+    that cannot be written (a full disk) fails the request and stops the node, and the
+    next start writes the entry whose intent was committed."""
+    node = make_node(tmp_path, "node_002", "node_003")
+    node.restore()
+
+    def full_disk(event: str, fields: dict[str, Any]) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(node._audit, "append", full_disk)
+    with pytest.raises(BaseExceptionGroup) as ended:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.store.run)
+            await nursery.start(node.run)
+            with pytest.raises(OSError, match="No space left"):
+                await node.ingest(conflicting_pair("r1"))
+            await trio.sleep(10)
+            nursery.cancel_scope.cancel()  # the node went on: the test fails below
+    node.store.close()
+    assert ended.group_contains(NodeHalted), ended.value
+    async with started(tmp_path, "node_002", "node_003") as again:
+        assert [e["byzantine_node"] for e in byzantine_entries(again)] == ["node_002"]
