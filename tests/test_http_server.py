@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 from collections.abc import AsyncIterator
@@ -207,12 +208,22 @@ async def test_an_upgrade_request_is_answered_then_closed_without_a_second_answe
     assert statuses(received) == [200]
 
 
-async def test_head_keeps_its_status_and_drops_its_body(small_port: int) -> None:
-    _, received = await closed_after(
-        small_port, b"HEAD /x HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
+async def test_head_keeps_its_status_and_headers_and_drops_its_body(small_port: int) -> None:
+    """HEAD answers with the headers its handler's answer has, Content-Length included
+    (RFC 9110 §9.3.2), and no body: a GET pipelined after it is read as the next answer."""
+    _, got = await closed_after(
+        small_port, b"GET /x HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
     )
-    assert statuses(received) == [200]
-    assert received.endswith(b"\r\n\r\n")
+    _, received = await closed_after(
+        small_port,
+        b"HEAD /x HTTP/1.1\r\nhost: t\r\n\r\n"
+        b"GET /x HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+    )
+    head_answer, _, rest = received.partition(b"\r\n\r\n")
+    echoed = json.dumps({"method": "HEAD", "path": "/x", "length": 0}, separators=(",", ":"))
+    assert head_answer.startswith(b"HTTP/1.1 200 ")
+    assert f"content-length: {len(echoed)}".encode() in head_answer.lower().split(b"\r\n")
+    assert rest == got
 
 
 # --- no request ends the server ----------------------------------------------------------
@@ -272,10 +283,10 @@ async def test_an_error_of_ours_outside_the_handler_closes_only_its_connection(
     traceback, counted, and ends that connection; the next one is served."""
     real_encode = server_module._encode
 
-    def encode(response: Response, keep_alive: bool) -> bytes:
+    def encode(response: Response, keep_alive: bool, *, body: bool = True) -> bytes:
         if b"/boom" in response.body:
             raise RuntimeError("cannot encode")
-        return real_encode(response, keep_alive)
+        return real_encode(response, keep_alive, body=body)
 
     monkeypatch.setattr(server_module, "_encode", encode)
     port, counted = counted_port

@@ -506,7 +506,7 @@ class HttpServer:
             async with self._turn(slot):
                 response = await self._answer(request)
                 keep_alive = keep_alive and not self._closing
-                answer = _encode(response, keep_alive)
+                answer = _encode(response, keep_alive, body=request.method != "HEAD")
             await self._send(stream, answer)
             if not keep_alive:
                 return True
@@ -552,15 +552,13 @@ class HttpServer:
 
     async def _answer(self, request: Request) -> Response:
         """The listener outlives any handler: an unexpected exception is a logged 500, not
-        the end of the daemon; a HEAD answer keeps its status and drops its body."""
+        the end of the daemon."""
         try:
             response = await self._handler(request)
         except Exception:
             log.exception("unhandled error answering %s %s", request.method, request.path)
             self._count_error(INTERNAL)
             response = error_response(500, "internal_error", "internal server error")
-        if request.method == "HEAD":
-            response = attrs.evolve(response, body=b"")
         return response
 
     async def _next_request(
@@ -625,8 +623,10 @@ def _retry_after(response: Response) -> float:
     return 0.0
 
 
-def _encode(response: Response, keep_alive: bool) -> bytes:
-    """Status line, headers and body in one buffer, for one write."""
+def _encode(response: Response, keep_alive: bool, *, body: bool = True) -> bytes:
+    """Status line, headers and body in one buffer, for one write. An answer to HEAD
+    (`body=False`) has the headers GET's would have, Content-Length included, and no
+    body (RFC 9110 §9.3.2)."""
     try:
         reason = http.HTTPStatus(response.status).phrase
     except ValueError:
@@ -639,4 +639,4 @@ def _encode(response: Response, keep_alive: bool) -> bytes:
     ]
     if not keep_alive:
         lines.append("connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + response.body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (response.body if body else b"")
