@@ -52,6 +52,7 @@ import httptools
 import trio
 
 from .admission import AdmissionLimits, ConnectionTable, Counts, Refusal, Slot
+from .refusals import RefusalLog
 from .tlsfailure import classify_tls_failure
 from .tlsstream import TlsStream
 
@@ -363,6 +364,7 @@ class HttpServer:
         self._count_error = count_error
         self._count_dropped = count_dropped
         self._on_tls_failure = on_tls_failure
+        self._refusals = RefusalLog(log)
         self._table = ConnectionTable()
         self._outsider_turns = trio.CapacityLimiter(1)
         self._closing = False
@@ -466,10 +468,13 @@ class HttpServer:
                 await tls.do_handshake()
             except trio.BrokenResourceError as exc:
                 if isinstance(exc.__cause__, ssl.SSLError):
-                    self._on_tls_failure(classify_tls_failure(exc))
+                    reason = classify_tls_failure(exc)
+                    self._on_tls_failure(reason)
+                    self._refuse("tls", f"TLS handshake from {slot.address} failed: {reason}")
                 return None, None
         if deadline.cancelled_caught:
             self._on_tls_failure("timeout")
+            self._refuse("tls", f"TLS handshake from {slot.address} not done in time")
             return None, None
         peer_name = _common_name(tls.ssl_object)
         trusted = peer_name is not None and self._trust.trusted_name(peer_name)
@@ -493,11 +498,13 @@ class HttpServer:
                 ready = await self._next_request(stream, parser, idle_deadline)
             except _Malformed as exc:
                 self._count_error(MALFORMED)
+                self._refuse(MALFORMED, f"malformed HTTP from {slot.address}: {exc}")
                 await self._send_error(stream, 400, "bad_request", f"malformed HTTP: {exc}")
                 return True
             except _BodyTooLarge:
                 self._count_error(TOO_LARGE)
                 limit = limits.max_body_bytes
+                self._refuse(TOO_LARGE, f"a body over {limit} bytes from {slot.address}")
                 await self._send_error(stream, 413, "payload_too_large", f"body over {limit} bytes")
                 return True
             if ready is None:
@@ -540,6 +547,10 @@ class HttpServer:
                 await trio.sleep_forever()
             finally:
                 self._idle_scopes.discard(wait)
+
+    def _refuse(self, kind: str, message: str) -> None:
+        """Log refused input (a flood of it at most once per kind every few seconds)."""
+        self._refusals.note(kind, message, trio.current_time())
 
     async def _send(self, stream: trio.abc.Stream, data: bytes) -> None:
         """Send all of `data`, or drop the connection of a client that does not read it
