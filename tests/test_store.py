@@ -73,6 +73,56 @@ async def test_commit_returns_after_the_wal_fsync_which_runs_on_a_worker_thread(
     assert released == [1] * 5
 
 
+class GatedDisk(InlineFileDisk):
+    """A disk whose fsyncs wait until the test lets each one finish."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.syncs_begun = 0
+        self.finish = [trio.Event() for _ in range(3)]
+        self.committed_at_sync: list[int] = []
+
+    async def sync(self) -> None:
+        self.syncs_begun += 1
+        self.committed_at_sync.append(self.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
+        await self.finish[self.syncs_begun - 1].wait()
+        await super().sync()
+
+
+async def test_commits_that_queue_during_an_fsync_share_the_next_one(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Group commit as etcd does it: while one fsync runs, every commit that arrives
+    waits in the queue, and one transaction and one fsync then cover all of them; none
+    is released before the fsync that covers it."""
+    disk = GatedDisk(tmp_path / "node.db")
+    db = Store(disk)
+    released: dict[int, int] = {}  # commit -> syncs finished when it returned
+
+    async def commit(n: int) -> None:
+        await db.commit([round_row(n)])
+        released[n] = sum(event.is_set() for event in disk.finish)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(db.run)
+        nursery.start_soon(commit, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert disk.syncs_begun == 1  # commit 0's fsync is running
+        for n in range(1, 6):
+            nursery.start_soon(commit, n)
+        await trio.testing.wait_all_tasks_blocked()
+        assert disk.syncs_begun == 1 and released == {}  # the five wait their turn
+        disk.finish[0].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert released == {0: 1} and disk.syncs_begun == 2
+        disk.finish[1].set()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    db.close()
+    assert released == {n: 2 if n else 1 for n in range(6)}
+    assert disk.committed_at_sync == [1, 6]  # the second fsync covered the five at once
+
+
 async def test_checkpoint_every_so_many_commits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
