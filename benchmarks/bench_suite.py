@@ -7,7 +7,8 @@ others' daemons behind, and each prints its own JSON document):
   2. bench_migration.py (state v1 -> v2, in process)
   2a. bench_parse.py (what parsing a peer's observation costs)
   2b. bench_exchange.py (what one peer request costs, hot and waking an idle process)
-  2c. bench_fsync.py (one fsync here; 3-node rounds durable and with the logs' fsyncs off)
+  2c. bench_fsync.py (one fsync here; 3-node rounds durable and with the WAL's fsync off)
+  2d. bench_audit_ids.py (an audit_id: fsync before use against durable blocks)
   3. bench_etcd.py, plain and mTLS: 3 etcd members, put -> seen by all three
   4. bench_cluster.py --nodes 3, mTLS: latency, sustained, rss (10,000 rounds), submit
   5. bench_cluster.py --nodes 5, 9, 15, mTLS: latency, sustained
@@ -46,7 +47,18 @@ TARGETS = {
     "rss_mib_per_node_after_10000_rounds": 80.0,
     "rss_growth_mib_second_half": 2.0,
 }
-STEPS = ("help", "migration", "parse", "exchange", "fsync", "etcd", "cluster", "rss", "submit")
+STEPS = (
+    "help",
+    "migration",
+    "parse",
+    "exchange",
+    "fsync",
+    "audit_ids",
+    "etcd",
+    "cluster",
+    "rss",
+    "submit",
+)
 
 
 def annactl_help(runs: int) -> dict[str, Any]:
@@ -216,6 +228,9 @@ def main() -> int:
     if "fsync" not in skip:
         fsync_args = ["--pairs", "1", "--rounds", "100"] if args.quick else []
         suite["fsync"] = run_json("bench_fsync.py", fsync_args, 2 * args.timeout)
+    if "audit_ids" not in skip:
+        ids_args = ["--ids", "300"] if args.quick else []
+        suite["audit_ids"] = run_json("bench_audit_ids.py", ids_args, args.timeout)
     etcd_args = ["--puts", "100", "--sustained-puts", "1000"] if args.quick else []
     if "etcd" not in skip:
         suite["etcd_plain"] = run_json("bench_etcd.py", etcd_args, args.timeout)
