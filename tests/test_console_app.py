@@ -281,11 +281,18 @@ def rows(html: str, attribute: str) -> dict[str, str]:
     return dict(re.findall(rf'data-{attribute}="([^"]+)"([^>]*)>', html))
 
 
+def validator_row(html: str, node_id: str) -> str:
+    start = html.index(f'<tr data-validator="{node_id}"')
+    return html[start : html.index("</tr>", start)]
+
+
 async def test_overview_shows_validators_rounds_byzantine_and_this_node(
     build: AppFactory,
 ) -> None:
-    """The overview: 2 of 3 up, each validator's state, the rounds with status and short
-    digest, node_003 Byzantine, the failed reload with its error, state and audit log."""
+    """The overview: 2 of 3 up, the quorum, each validator's state, when it was last
+    seen and its requests' success and latency, the rounds with status and short
+    digest, node_003 Byzantine, the version, the failed reload with its error, state
+    and audit log."""
     app, setup = build()
     setup.metrics.peer_requests.labels("node_002", "success").inc(3)
     setup.metrics.peer_requests.labels("node_002", "timeout").inc(1)
@@ -300,6 +307,12 @@ async def test_overview_shows_validators_rounds_byzantine_and_this_node(
         "node_003": False,
     }
     assert "75.0 %" in html  # node_002: 3 successes of 4 requests
+    row = {node: validator_row(html, node) for node in ("node_001", "node_002", "node_003")}
+    assert ">now<" in row["node_001"]  # this node
+    assert '<time datetime="2026-12-04T00:00:00Z"' in row["node_002"]
+    assert 'title="never"' in row["node_003"]
+    assert '<td class="num">4 ms</td>' in row["node_002"]  # its mean latency
+    assert "· quorum 2" in html and f"<dt>Version</dt><dd>{__version__}</dd>" in html
     assert rows(html, "round") == {
         "round_3": ' data-status="Complete"',
         "round_2": ' data-status="Failed"',
