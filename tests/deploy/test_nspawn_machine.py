@@ -2,7 +2,8 @@
 installed by docs/operations.md §1 command by command, conf/annad.service unchanged, a
 one-node mTLS cluster, and a v1 state.json waiting for the first start. Then the unit's
 promises, each as an operator sees them: start returns once ready, the seed's Migration
-Guide, reload, watchdog, exit 78 without a restart loop, a clean stop, the exposure score.
+Guide, reload, watchdog, exit 78 without a restart loop, a clean stop, §3's manual
+rollback and upgrade as written, the exposure score.
 
 Drop-ins shorten what the unit would make a test wait for (WatchdogSec, RestartSec) and
 are removed after the test that needs them.
@@ -19,8 +20,9 @@ from typing import Any
 
 import pytest
 from nspawn import Machine, booted
+from runbook import section_blocks
 
-from conftest import install_anna
+from conftest import ROOT, follow, install_anna
 
 STATE_V1 = {
     "schema_version": 1,
@@ -253,6 +255,27 @@ def test_stop_is_clean(machine: Machine) -> None:
     last = machine.path("/var/log/anna/audit.jsonl").read_text().splitlines()[-1]
     assert json.loads(last)["event"] == "daemon_stop"
     assert not machine.path("/run/anna/annad.pid").exists()
+
+
+def test_the_upgrade_section_s_rollback_and_upgrade_work_as_written(machine: Machine) -> None:
+    """docs/operations.md §3 typed as an operator would, on the node migrated above: the
+    manual rollback gives back the v1 state.json byte for byte; the upgrade block's dry
+    run changes nothing, and its start migrates the node again, as the journal shows."""
+    ensure_running(machine)
+    upgrade, rollback = section_blocks(ROOT / "docs" / "operations.md", "3. Upgrade from v1")
+    follow(machine, rollback, cwd="/root")
+    state = machine.path("/var/lib/anna/state.json")
+    v1 = machine.path("/root/state.v1.json").read_bytes()
+    assert state.read_bytes() == v1
+    stop, dry_run, start, journal = upgrade.commands
+    for command in (stop, dry_run):
+        machine.run(command)
+    assert state.read_bytes() == v1, "the dry run changed state.json"
+    for command in (start, journal):
+        machine.run(command)
+    assert json.loads(state.read_text())["schema_version"] == 2
+    migrations = audit_entries(machine, "state_migration")
+    assert [e["result"] for e in migrations] == ["success", "success"], migrations
 
 
 def test_security_exposure_is_no_worse_than_today(machine: Machine) -> None:
