@@ -197,7 +197,7 @@ class Daemon:
                             ).run
                         )
                         root.start_soon(systemd.watchdog_loop, self._healthy)
-                        self._write_pid()
+                        await self._write_pid()
                         settle_heap()
                         self.ready = True
                         systemd.notify("READY=1")
@@ -274,12 +274,16 @@ class Daemon:
         self._server_tls = ReloadableServerContext(config.tls)
         return self._server_tls.context
 
-    def _write_pid(self) -> None:
-        path = self.settings.pid_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f"{os.getpid()}\n")
-        os.replace(tmp, path)
+    async def _write_pid(self) -> None:
+        """The pid file, durably (durable.py's temp → fsync → rename → fsync dir), in a
+        worker thread; world-readable, as pid files are."""
+        path, pid = self.settings.pid_file, f"{os.getpid()}\n".encode()
+
+        def write() -> None:
+            durable.make_dirs(path.parent)
+            durable.atomic_write_bytes(path, pid, mode=0o644)
+
+        await trio.to_thread.run_sync(write)
 
 
 def settle_heap() -> None:

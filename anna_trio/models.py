@@ -170,9 +170,10 @@ def parse_observation(data: Any) -> Observation:
 
     The hot path: every node parses every other node's observation every round. A
     valid one is built directly by the classes' own field validators, from a dict
-    whose keys are exactly their fields (about 27 µs here, the converter about 37 µs:
-    docs/benchmarks.md); anything else goes through the converter, which names every
-    problem (and builds what the shortcut may have refused for a detail of type)."""
+    whose keys are exactly their fields, which is faster than the converter (how much:
+    docs/benchmarks.md, "Parsing with cattrs"); anything else goes through the
+    converter, which names every problem (and builds what the shortcut may have
+    refused for a detail of type)."""
     if type(data) is dict and data.keys() == OBSERVATION_FIELDS:
         parts, flags = data["tis_components"], data["bias_flags"]
         if type(parts) is dict and parts.keys() == _COMPONENT_KEYS and type(flags) is list:
@@ -256,7 +257,9 @@ class TlsConfig:
     crl: Path | None = None
 
 
-def _lowered(value: Any) -> Any:
+def lowered(value: Any) -> Any:
+    """A field converter: a string in lower case (`Majority`, `INFO`); anything else as
+    it is, for the validator to judge."""
     return value.lower() if isinstance(value, str) else value
 
 
@@ -371,7 +374,7 @@ class ClusterConfig:
     tls: TlsConfig = TlsConfig()
     quorum_rule: str = attrs.field(
         default="majority",
-        converter=_lowered,
+        converter=lowered,
         validator=one_of(QUORUM_RULES),
         metadata={"key": "quorum"},
     )

@@ -21,7 +21,7 @@ import attrs
 from .._exceptions import ConfigError
 from ..addresses import parse_host_port, parse_port
 from ..converter import WrongType, duration, duration_problem, matches, one_of, optional
-from ..models import NODE_ID_RE, ObserverConfig, SyntheticObserver
+from ..models import NODE_ID_RE, ObserverConfig, SyntheticObserver, lowered
 from .yamlfile import Document, Source, resolve_paths
 
 DEFAULT_CONFIG_FILE = Path("/etc/anna/annad.yml")
@@ -71,10 +71,6 @@ def _host_port(value: Any, _: Any) -> tuple[str, int]:
     return parse_host_port(value)
 
 
-def _lowered(value: Any) -> Any:
-    return value.lower() if isinstance(value, str) else value
-
-
 def _listen() -> Any:
     return attrs.field(default=None, metadata={"structure": _host_port})
 
@@ -94,10 +90,10 @@ class SettingsFile:
     round_interval: float | None = attrs.field(default=None, validator=duration(positive=False))
     round_timeout: float | None = attrs.field(default=None, validator=duration(positive=True))
     log_level: str | None = attrs.field(
-        default=None, converter=_lowered, validator=optional(one_of(LOG_LEVELS))
+        default=None, converter=lowered, validator=optional(one_of(LOG_LEVELS))
     )
     log_format: str | None = attrs.field(
-        default=None, converter=_lowered, validator=optional(one_of(LOG_FORMATS))
+        default=None, converter=lowered, validator=optional(one_of(LOG_FORMATS))
     )
     observer: ObserverConfig = attrs.field(factory=SyntheticObserver)
     console: bool | None = None
