@@ -7,34 +7,48 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from .models import (
-    COMPONENT_NAMES,
     FileObserver,
     ObservationContent,
     ObserverConfig,
     SyntheticObserver,
     TisComponents,
+    structure_message,
 )
+
+if TYPE_CHECKING:  # seams names Measurement, defined here
+    from .seams import RandomSource
 
 log = logging.getLogger("anna.observer")
 _CONTENT = attrs.fields(ObservationContent)
 
 
+def _flag_set(value: Any) -> Any:
+    """Bias flags as a set: each once, sorted (the mirror audit may repeat one)."""
+    return tuple(sorted(set(value))) if isinstance(value, list | tuple) else value
+
+
 @attrs.frozen
 class Measurement:
     """What an observer decides of an observation; checked by the same validators, so
-    what a node signs is always an observation its peers accept."""
+    what a node signs is always an observation its peers accept.
+
+    Also the mirror audit's latest.json (SPEC §1), structured by the strict converter:
+    these keys and no others, no coercion (`"0.5"` and `true` are no numbers), finite
+    numbers; `bias_flags` may be left out."""
 
     tis_components: TisComponents
     tis_overall: float = attrs.field(validator=_CONTENT.tis_overall.validator)
-    bias_flags: tuple[str, ...] = attrs.field(validator=_CONTENT.bias_flags.validator)
     forecast_hash: str = attrs.field(validator=_CONTENT.forecast_hash.validator)
     outcome_hash: str = attrs.field(validator=_CONTENT.outcome_hash.validator)
+    bias_flags: tuple[str, ...] = attrs.field(
+        default=(), converter=_flag_set, validator=_CONTENT.bias_flags.validator
+    )
 
 
 class ConfiguredObserver:
@@ -42,7 +56,7 @@ class ConfiguredObserver:
     node cannot contribute to it."""
 
     def __init__(
-        self, config: ObserverConfig, node_id: str, rng: random.Random | None = None
+        self, config: ObserverConfig, node_id: str, rng: RandomSource | None = None
     ) -> None:
         self._config = config
         self._node_id = node_id
@@ -72,19 +86,12 @@ class ConfiguredObserver:
 
 
 def _read_measurement_file(path: Path) -> Measurement | None:
-    """Parse the mirror audit's latest.json; any problem means no contribution (logged)."""
+    """The mirror audit's latest.json as a Measurement. A file that cannot be read or
+    is no valid measurement means no contribution: logged (every problem, by field),
+    never raised."""
     try:
         data: Any = json.loads(path.read_text())
-        components = data["tis_components"]
-        return Measurement(
-            tis_components=TisComponents(
-                **{name: float(components[name]) for name in COMPONENT_NAMES}
-            ),
-            tis_overall=float(data["tis_overall"]),
-            bias_flags=tuple(sorted(set(data.get("bias_flags", [])))),
-            forecast_hash=str(data["forecast_hash"]),
-            outcome_hash=str(data["outcome_hash"]),
-        )
+        return structure_message(data, Measurement, "top level")
     except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as exc:
         log.warning("observer file %s unusable, not contributing to this round: %s", path, exc)
         return None
