@@ -6,6 +6,10 @@ the configured observer. Tests and the cluster simulator (tests/sim/) fill them 
 fakes that type-check as they are, so a whole cluster runs in one Trio process on a
 mock clock, deterministically.
 
+The store's seam is one level down, `store.Disk` (what the database lives on): fakes and
+the simulator keep the real `Store`, whose batching, group commit and recovery are what
+they exercise, over a disk of their own (`tests/inline_store.py`, `tests/sim/disk.py`).
+
 Time inside a process is Trio's clock (``trio.current_time()``), which a MockClock
 already replaces; `Clock` is the one reading Trio cannot fake: the wall clock, which
 goes into signed timestamps, round ids and status times.
