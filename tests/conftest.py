@@ -12,7 +12,10 @@ async test use `LiveCluster.start` + `await LiveCluster.wait_ready`. Both kinds 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,25 @@ from _launch import LiveCluster, running
 from anna_trio import testnet
 
 BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def daemons_temporary_directory() -> Iterator[Path]:
+    """A TMPDIR of this session's own for every process the tests start, removed at the
+    end: a daemon makes its console socket's directory there and removes it when it
+    stops, which one a test kills with SIGKILL cannot do. Short, as a Unix socket's
+    path has at most 108 bytes."""
+    directory = Path(tempfile.mkdtemp(prefix="anna-tests-"))
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(directory)
+    try:
+        yield directory
+    finally:
+        if previous is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = previous
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def console_script(name: str) -> str:
