@@ -218,32 +218,25 @@ not_numbers = st.one_of(
 not_strings = st.one_of(st.booleans(), st.integers(), st.floats(), st.just(""))
 
 
-@given(st.sampled_from(INTEGERS), not_integers)
-def test_only_an_integer_is_an_integer(field: Field, value: Any) -> None:
-    """No bool, numeric string or float (1.0, NaN included) passes for an integer."""
-    kind, path = field
-    assert_named(refused(kind, body_with(kind, path, value)), path, "must be an integer")
+WRONG_TYPES = [
+    # (fields of the type, values that are not of it, what the refusal says)
+    (INTEGERS, not_integers, "must be an integer"),  # no bool, numeric string or float
+    (BOOLS, not_bools, "must be true or false"),  # 0, 1, "true" and NaN are no bools
+    (NUMBERS, not_numbers, "must be a finite number"),  # nor NaN, infinities, strings
+    (STRINGS, not_strings, "must be"),  # no number, bool or empty string
+]
 
 
-@given(st.sampled_from(BOOLS), not_bools)
-def test_only_a_bool_is_a_bool(field: Field, value: Any) -> None:
-    """0, 1, "true" and NaN are no bools."""
-    kind, path = field
-    assert_named(refused(kind, body_with(kind, path, value)), path, "must be true or false")
-
-
-@given(st.sampled_from(NUMBERS), not_numbers)
-def test_only_a_finite_number_is_a_number(field: Field, value: Any) -> None:
-    """A bool, a numeric string, NaN and the infinities are refused where a TIS is."""
-    kind, path = field
-    assert_named(refused(kind, body_with(kind, path, value)), path, "must be a finite number")
-
-
-@given(st.sampled_from(STRINGS), not_strings)
-def test_only_a_string_is_a_string(field: Field, value: Any) -> None:
-    """No number, bool or empty string passes for a string."""
-    kind, path = field
-    assert_named(refused(kind, body_with(kind, path, value)), path, "must be")
+@given(st.data())
+@pytest.mark.parametrize(("fields", "wrong", "says"), WRONG_TYPES)
+def test_only_a_value_of_the_field_s_type_passes(
+    fields: list[Field], wrong: st.SearchStrategy[Any], says: str, data: st.DataObject
+) -> None:
+    """Where a message wants an integer, a bool, a finite number or a string, anything
+    else is refused, named by its path."""
+    kind, path = data.draw(st.sampled_from(fields))
+    value = data.draw(wrong)
+    assert_named(refused(kind, body_with(kind, path, value)), path, says)
 
 
 @pytest.mark.parametrize("value", [True, "24", 24.0, math.nan])
