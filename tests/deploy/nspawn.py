@@ -155,13 +155,15 @@ class Machine:
                 if pids and Path(f"/proc/{pids[0]}/comm").read_text().strip() == "systemd":
                     self.leader = int(pids[0])
             time.sleep(0.1)
-        while True:  # until PID 1 answers systemctl (just after exec it does not yet)
+        while True:  # until PID 1 answers systemctl (just after exec it does not yet:
+            # systemctl then prints nothing, or "offline" when it cannot reach the manager)
             state = self.run(
                 "systemctl is-system-running --wait", check=False, timeout=BOOT_TIMEOUT
             )
             if state.stdout.strip() in ("running", "degraded"):
                 return
-            if state.stdout.strip() or time.monotonic() > deadline:
+            not_yet = state.stdout.strip() in ("", "offline")
+            if not not_yet or time.monotonic() > deadline:
                 raise MachineError(
                     f"{self.name} booted into {state.stdout.strip()!r}: {state.stderr}"
                 )
