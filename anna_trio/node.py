@@ -42,7 +42,6 @@ from .policy import (
     Timers,
     clock_round_id,
     direct_fan_out,
-    outsider_may_name,
     round_admission,
     stuck_check_delay,
 )
@@ -403,13 +402,6 @@ class Node:
             self._outbox.broadcast("observations", obs.to_dict())
         return round_id
 
-    def may_be_named_by_outsiders(self, round_id: str) -> bool:
-        """Whether a client that is not a validator may start `round_id` here: one this
-        node knows, or a new one that sorts no later than a fresh id (`outsider_may_name`)."""
-        return self.engine.status_of(round_id) is not None or outsider_may_name(
-            round_id, self.clock.wall()
-        )
-
     def admission(self, limit: int) -> float | None:
         """None when this node can take a new round now; else the seconds to Retry-After
         (`limit`: rounds short of a quorum it may hold, `limits.pending_rounds`)."""
@@ -474,9 +466,9 @@ class Node:
     async def _apply(self, effects: Effects) -> None:
         """Bookkeeping first (it never waits), then the durable step — commit, audit
         entries, broadcasts — shielded, so a request's timeout cannot leave a decision in
-        the database without its audit entry; an error there ends the node (`_halt`). Even an
-        answer with nothing new waits for the durability of what it acknowledges (a
-        duplicate of an observation gossip brought a moment ago)."""
+        the database without its audit entry; an error there ends the node (`_halt`).
+        Even an answer with nothing new waits for the durability of what it acknowledges
+        (a duplicate of an observation gossip brought a moment ago)."""
         for round_id in effects.forget:
             self.own.forget(round_id)
             self._relaying.discard(round_id)

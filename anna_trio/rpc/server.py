@@ -22,6 +22,7 @@ from ..consensus.engine import RoundView
 from ..metrics import Metrics
 from ..models import Limits
 from ..node import Node, Rejected, SubmitOutcome
+from ..policy import outsider_may_name
 from ..store import Statement
 from ..transport.server import Request, Response, error_response, json_response
 from ..wire import (
@@ -221,10 +222,12 @@ class RpcServer:
 
     async def _start(self, start: RoundStart, keep: Keep | None, *, validator: bool) -> Response:
         round_id = start.round_id
+        known = round_id is not None and self.node.engine.status_of(round_id) is not None
         if (
             round_id is not None
+            and not known
             and not validator
-            and not self.node.may_be_named_by_outsiders(round_id)
+            and not outsider_may_name(round_id, self.node.clock.wall())
         ):
             return error_response(
                 403,
@@ -232,7 +235,7 @@ class RpcServer:
                 f"round {round_id!r} sorts after a fresh round id: only validators may name "
                 "such a round; start it without round_id to get a fresh one",
             )
-        if round_id is None or self.node.engine.status_of(round_id) is None:
+        if not known:
             wait = self.node.admission(self.limits.pending_rounds)
             if wait is not None:
                 self.metrics.rounds_refused.inc()
