@@ -92,6 +92,6 @@ def _read_measurement_file(path: Path) -> Measurement | None:
     try:
         data: Any = json.loads(path.read_text())
         return structure_message(data, Measurement, "top level")
-    except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as exc:
+    except (OSError, ValueError) as exc:  # unreadable, no JSON, or no measurement
         log.warning("observer file %s unusable, not contributing to this round: %s", path, exc)
         return None
