@@ -9,9 +9,9 @@ Everything here blocks on the disk: the daemon calls it from worker threads
 (`trio.to_thread`), never on the event loop.
 
 ``ANNA_UNSAFE_NO_FSYNC=1`` in the environment skips one fsync: the node database WAL's
-(`fsync_wal`), the one every 2xx answer and every own signature waits for (etcd's ``--unsafe-no-fsync`` does the same to its WAL). It exists
-for one purpose: the power-loss suite shows with it that it does catch the loss of
-acknowledged data. Everything else stays synced: the audit log and its chain-head
+(`fsync_wal`), the one every 2xx answer and every own signature waits for (etcd's
+``--unsafe-no-fsync`` does the same to its WAL). It exists for one purpose: the
+power-loss suite shows with it that it does catch the loss of acknowledged data. Everything else stays synced: the audit log and its chain-head
 anchor, which must agree after a power cut (an anchor naming entries the log lost makes
 annad refuse to start, before any loss could be checked), the audit_id reservation,
 state.json, keys and directories. A process started with it logs a warning saying so.

@@ -88,8 +88,6 @@ class ConsoleServer:
         """Start hypercorn, then open the public address; report it once both are up.
         Returns after `shutdown()`, when hypercorn's grace period and the last
         connection are over."""
-        # Not an abstract socket: any local process may connect to one of those, past the
-        # cap. Local, quick file-system calls, once per start and stop.
         directory = Path(tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX))
         try:
             path = str(directory / SOCKET_NAME)
