@@ -12,7 +12,6 @@ async test use `LiveCluster.start` + `await LiveCluster.wait_ready`. Both kinds 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import sys
 import tempfile
@@ -36,15 +35,11 @@ def daemons_temporary_directory() -> Iterator[Path]:
     stops, which one a test kills with SIGKILL cannot do. Short, as a Unix socket's
     path has at most 108 bytes."""
     directory = Path(tempfile.mkdtemp(prefix="anna-tests-"))
-    previous = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(directory)
     try:
-        yield directory
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TMPDIR", str(directory))
+            yield directory
     finally:
-        if previous is None:
-            del os.environ["TMPDIR"]
-        else:
-            os.environ["TMPDIR"] = previous
         shutil.rmtree(directory, ignore_errors=True)
 
 
