@@ -14,6 +14,7 @@ from anna_trio.transport.refusals import RefusalLog
 from anna_trio.transport.server import HttpServer, Request, Response, json_response
 
 EVERY = 10.0
+LIMITS = Limits()
 
 
 class Lines(logging.Handler):
@@ -35,42 +36,38 @@ class Lines(logging.Handler):
 def test_each_kind_is_logged_at_once_then_at_most_once_per_period_with_the_rest_counted(
     events: list[tuple[str, float]],
 ) -> None:
-    logger = logging.getLogger("test.refusals")
-    logger.propagate = False
+    logger = logging.Logger("test.refusals")  # a logger of its own, in no hierarchy
     lines = Lines()
     logger.addHandler(lines)
-    try:
-        refusals = RefusalLog(logger, EVERY)
-        now = 0.0
-        last_line: dict[str, float] = {}
-        counted: dict[str, int] = {}
-        for kind, gap in events:
-            now += gap
-            before = len(lines.lines)
-            refusals.note(kind, f"{kind} refused", now)
-            if kind not in last_line or now >= last_line[kind] + EVERY:
-                assert len(lines.lines) == before + 1
-                held = counted.pop(kind, 0)
-                assert lines.lines[-1].startswith(f"{kind} refused")
-                assert (f"and {held} more" in lines.lines[-1]) == (held > 0)
-                last_line[kind] = now
-            else:
-                assert len(lines.lines) == before
-                counted[kind] = counted.get(kind, 0) + 1
-    finally:
-        logger.removeHandler(lines)
+    refusals = RefusalLog(logger, EVERY)
+    now = 0.0
+    last_line: dict[str, float] = {}
+    counted: dict[str, int] = {}
+    for kind, gap in events:
+        now += gap
+        before = len(lines.lines)
+        refusals.note(kind, f"{kind} refused", now)
+        if kind not in last_line or now >= last_line[kind] + EVERY:
+            assert len(lines.lines) == before + 1
+            held = counted.pop(kind, 0)
+            assert lines.lines[-1].startswith(f"{kind} refused")
+            assert (f"and {held} more" in lines.lines[-1]) == (held > 0)
+            last_line[kind] = now
+        else:
+            assert len(lines.lines) == before
+            counted[kind] = counted.get(kind, 0) + 1
 
 
 async def test_the_server_logs_a_malformed_request_with_its_client(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Three times `GET //[` (which once ended the daemon): one line, naming the client;
-    the other two are counted for the next line."""
+    """Three times `GET //[` (which once ended the daemon) within the period: one line,
+    naming the client; the other two are held back."""
 
     async def handler(request: Request) -> Response:
         return json_response(200, {})
 
-    server = HttpServer(handler, limits=Limits)
+    server = HttpServer(handler, limits=lambda: LIMITS)
     caplog.set_level(logging.WARNING, "anna.http")
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve, "127.0.0.1", 0)
