@@ -29,7 +29,15 @@ import trio.lowlevel
 
 from anna_trio.transport.tlsstream import TlsStream
 
-SYNC = b"POST /rpc/sync HTTP/1.1\r\nhost: t\r\ncontent-length: 14\r\n\r\n" + b'{"summary":{}}'
+
+def post(path: str, body: bytes, *headers: str) -> bytes:
+    head = "".join(f"{h}\r\n" for h in headers)
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-length: {len(body)}\r\n{head}\r\n"
+    ).encode() + body
+
+
+SYNC = post("/rpc/sync", b'{"summary":{}}')
 HEALTH = b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n"
 STATUS = b"GET /rpc/status HTTP/1.1\r\nhost: t\r\n\r\n"
 
@@ -225,13 +233,6 @@ def _client_hello_prefix() -> bytes:
         client.do_handshake()
     hello = outgoing.read()
     return hello[: len(hello) // 2]
-
-
-def post(path: str, body: bytes, *headers: str) -> bytes:
-    head = "".join(f"{h}\r\n" for h in headers)
-    return (
-        f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-length: {len(body)}\r\n{head}\r\n"
-    ).encode() + body
 
 
 async def answer_status(stream: TlsStream, buffer: bytearray) -> int | None:
