@@ -17,17 +17,9 @@ from anna_trio.models import Limits
 from anna_trio.rpc.server import RpcServer
 from anna_trio.transport.server import Request
 from strategies import signed_observation
-from test_node import make_node
+from test_node import FakeClock, make_node
 
 PEERS = ("node_002", "node_003")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def wall(self) -> float:
-        return self.now
 
 
 @attrs.define

@@ -45,6 +45,16 @@ async def run_inline(work: Callable[[], object]) -> object:
     return work()
 
 
+class FakeClock:
+    """A wall clock the test sets (`now`)."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def wall(self) -> float:
+        return self.now
+
+
 def make_node(
     directory: Path,
     *others: str,

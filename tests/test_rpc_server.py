@@ -18,7 +18,7 @@ from anna_trio.models import Limits, TlsConfig
 from anna_trio.policy import clock_round_id
 from anna_trio.rpc.server import VALIDATORS_ONLY, RpcServer
 from anna_trio.transport.server import Request, Response
-from test_node import RETAIN, complete, started
+from test_node import RETAIN, FakeClock, complete, started
 
 VALIDATOR_ADDRESS = "127.0.0.1"
 PUBLIC = {
@@ -121,14 +121,6 @@ async def test_a_method_not_allowed_says_which_are(
     assert dict(answer.headers)["allow"] == allowed
 
 
-@attrs.define
-class SettableClock:
-    now: float
-
-    def wall(self) -> float:
-        return self.now
-
-
 async def test_outsiders_cannot_name_rounds_that_push_out_the_cluster_s_own(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -137,7 +129,7 @@ async def test_outsiders_cannot_name_rounds_that_push_out_the_cluster_s_own(
     what it keeps and then refuse every interval round after them (409), restarts
     included. Outsiders may name only ids that sort no later than a fresh one; their
     rounds still start, validators may name any, and the interval rounds go on."""
-    clock = SettableClock(1_800_000_000.0)
+    clock = FakeClock()
 
     async def start(rpc: RpcServer, round_id: str, client: str) -> Response:
         body = json.dumps({"round_id": round_id}).encode()
