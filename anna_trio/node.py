@@ -206,17 +206,25 @@ class Node:
             log.warning("writing the audit entry a crash cut off: %s %s", entry.event, entry.fields)
             await self._write_audit(entry)
         self._unwritten = []
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._state_writer)
-            for obs in self.own.restored():
-                if self.engine.status_of(obs.round_id) is not None and self.own.begin(obs.round_id):
-                    nursery.start_soon(self._release_own, obs)
-            for view in self.engine.rounds():
-                if view.status == PENDING:
-                    self._schedule_own(view.round_id, view.window_hours)
-            task_status.started()
-            await self._deadline_loop()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._start_tasks(nursery)
+                task_status.started()
+                await self._deadline_loop()
+        finally:
+            self._nursery = None  # closed: requests still in flight start nothing in it
+
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        """state.json upkeep, the re-send of what was restored, own observations for the
+        rounds still Pending."""
+        nursery.start_soon(self._state_writer)
+        for obs in self.own.restored():
+            if self.engine.status_of(obs.round_id) is not None and self.own.begin(obs.round_id):
+                nursery.start_soon(self._release_own, obs)
+        for view in self.engine.rounds():
+            if view.status == PENDING:
+                self._schedule_own(view.round_id, view.window_hours)
 
     async def _deadline_loop(self) -> None:
         while True:

@@ -571,3 +571,27 @@ async def test_a_decision_that_cannot_be_made_durable_ends_the_node(
     assert ended.group_contains(NodeHalted), ended.value
     async with started(tmp_path, "node_002", "node_003") as again:
         assert [e["byzantine_node"] for e in byzantine_entries(again)] == ["node_002"]
+
+
+async def test_a_request_after_the_node_stopped_fails_with_its_own_error(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request still in flight while the daemon stops, after the node's task ended: it
+    neither starts tasks in the node's closed nursery nor hides its own error behind
+    that nursery's RuntimeError."""
+    node = make_node(tmp_path, "node_002", "node_003")
+    node.restore()
+
+    def full_disk(event: str, fields: dict[str, Any]) -> None:
+        raise OSError(28, "No space left on device")
+
+    async with trio.open_nursery() as outer:
+        await outer.start(node.store.run)
+        async with trio.open_nursery() as inner:
+            await inner.start(node.run)
+            inner.cancel_scope.cancel()
+        monkeypatch.setattr(node._audit, "append", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            await node.ingest(conflicting_pair("r1"))
+        outer.cancel_scope.cancel()
+    node.store.close()
